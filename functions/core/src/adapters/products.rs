@@ -1,0 +1,111 @@
+//! The products table: a product's name, price and available stock.
+
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use std::collections::HashMap;
+
+use super::dynamo::{self, s, StoreError};
+use crate::domain::Product;
+
+#[derive(Clone, Debug)]
+pub struct ProductStore {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+/// How many times unprocessed keys of a batch read are retried before giving up.
+const BATCH_GET_ATTEMPTS: u32 = 5;
+
+impl ProductStore {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates or replaces a product, setting its available stock.
+    pub async fn put(&self, product: &Product) -> Result<(), StoreError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(dynamo::to_item(product)?))
+            .send()
+            .await
+            .map_err(|e| StoreError::sdk("put_product", e.into_service_error()))?;
+        Ok(())
+    }
+
+    pub async fn get(&self, product_id: &str) -> Result<Option<Product>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("productId", s(product_id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::sdk("get_product", e.into_service_error()))?;
+        out.item.map(dynamo::from_item).transpose()
+    }
+
+    /// Current prices of the given products, in one `BatchGetItem` (plus retries of any
+    /// unprocessed keys). Unknown products are absent from the map.
+    pub async fn prices(&self, product_ids: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+        let keys = product_ids
+            .iter()
+            .map(|id| HashMap::from([("productId".to_string(), s(*id))]))
+            .collect::<Vec<_>>();
+        let mut request = Some(
+            KeysAndAttributes::builder()
+                .set_keys(Some(keys))
+                .projection_expression("productId, priceCents")
+                .consistent_read(true)
+                .build()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        );
+        let mut prices = HashMap::new();
+        for attempt in 0..BATCH_GET_ATTEMPTS {
+            let Some(keys) = request.take() else { break };
+            if attempt > 0 {
+                dynamo::conflict_backoff(attempt).await;
+            }
+            let out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, keys)
+                .send()
+                .await
+                .map_err(|e| StoreError::sdk("batch_get_prices", e.into_service_error()))?;
+            for item in out
+                .responses
+                .and_then(|mut r| r.remove(&self.table))
+                .unwrap_or_default()
+            {
+                let id = dynamo::get_s(&item, "productId")?;
+                let price = match item.get("priceCents") {
+                    Some(AttributeValue::N(n)) => n
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("price of {id} is not a whole number")))?,
+                    _ => return Err(StoreError::Corrupt(format!("product {id} has no price"))),
+                };
+                prices.insert(id, price);
+            }
+            request = out
+                .unprocessed_keys
+                .and_then(|mut u| u.remove(&self.table))
+                .filter(|k| !k.keys.is_empty());
+        }
+        if request.is_some() {
+            return Err(StoreError::Sdk {
+                op: "batch_get_prices",
+                code: "UnprocessedKeys".into(),
+                message: "DynamoDB left keys unprocessed after retries".into(),
+            });
+        }
+        Ok(prices)
+    }
+}

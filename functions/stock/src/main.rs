@@ -1,0 +1,18 @@
+//! The stock Lambda function: composition root only. The logic is
+//! [`saga_core::handlers::stock`], which the local runner calls too.
+
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use saga_core::aws::AwsClients;
+use saga_core::config::{process_env, StockConfig};
+use saga_core::faults::Faults;
+use saga_core::handlers::stock::StockHandler;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    saga_core::telemetry::init();
+    let config = StockConfig::load(&process_env)?;
+    let clients = AwsClients::from_env().await;
+    let handler = StockHandler::new(&clients, config, Faults::none());
+    let handler = &handler;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| handler.handle(event))).await
+}
