@@ -226,8 +226,11 @@ mod tests {
 
     #[test]
     fn when_a_table_name_is_missing_should_name_the_variable() {
-        let err = StockConfig::load(&env(&[(IDEMPOTENCY_TABLE, "i"), (COORDINATOR_QUEUE_URL, "u")]))
-            .unwrap_err();
+        let err = StockConfig::load(&env(&[
+            (IDEMPOTENCY_TABLE, "i"),
+            (COORDINATOR_QUEUE_URL, "u"),
+        ]))
+        .unwrap_err();
         assert_eq!(err, ConfigError::Missing(PRODUCTS_TABLE));
         assert!(err.to_string().contains("PRODUCTS_TABLE"));
     }
@@ -243,7 +246,10 @@ mod tests {
         pairs.push((PAYMENT_FAILURE_RATE, "1.5"));
         assert!(matches!(
             PaymentConfig::load(&env(&pairs)),
-            Err(ConfigError::Invalid { name: PAYMENT_FAILURE_RATE, .. })
+            Err(ConfigError::Invalid {
+                name: PAYMENT_FAILURE_RATE,
+                ..
+            })
         ));
         let ok = PaymentConfig::load(&env(&base)).unwrap();
         assert_eq!(ok.failure_rate, 0.0);

@@ -391,7 +391,10 @@ mod tests {
         let cases: Vec<(PlaceOrderRequest, &str)> = vec![
             (request(vec![]), "items"),
             (request(vec![("p-1", 0)]), "items[0].quantity"),
-            (request(vec![("p-1", MAX_QUANTITY_PER_LINE + 1)]), "items[0].quantity"),
+            (
+                request(vec![("p-1", MAX_QUANTITY_PER_LINE + 1)]),
+                "items[0].quantity",
+            ),
             (request(vec![("p-1", 1), ("p-1", 2)]), "items[1].productId"),
             (request(vec![("", 1)]), "items[0].productId"),
             (request(vec![("p\u{7}", 1)]), "items[0].productId"),

@@ -52,7 +52,10 @@ pub struct Faults {
 impl fmt::Debug for Faults {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         #[cfg(feature = "fault-injection")]
-        return f.debug_struct("Faults").field("rates", &self.rates).finish();
+        return f
+            .debug_struct("Faults")
+            .field("rates", &self.rates)
+            .finish();
         #[cfg(not(feature = "fault-injection"))]
         f.write_str("Faults(disabled)")
     }
@@ -116,7 +119,10 @@ mod tests {
     #[test]
     fn when_rate_is_one_should_always_fire_and_zero_never() {
         let f = Faults::parse("after_write=1, in_payment=0").unwrap();
-        assert_eq!(f.hit(FaultPoint::AfterWrite), Err(Crash(FaultPoint::AfterWrite)));
+        assert_eq!(
+            f.hit(FaultPoint::AfterWrite),
+            Err(Crash(FaultPoint::AfterWrite))
+        );
         assert_eq!(f.hit(FaultPoint::InPayment), Ok(()));
         assert_eq!(f.hit(FaultPoint::AfterPublish), Ok(()));
         assert!(Faults::parse("nope=1").is_err());

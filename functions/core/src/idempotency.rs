@@ -88,7 +88,10 @@ impl IdempotencyRecord {
         }
         match (&self.status[..], &self.result) {
             (STATUS_COMPLETED, Some(result)) => Existing::Completed(result.clone()),
-            _ if self.in_progress_until_ms.is_some_and(|until| until < now_ms) => {
+            _ if self
+                .in_progress_until_ms
+                .is_some_and(|until| until < now_ms) =>
+            {
                 Existing::InProgressExpired
             }
             _ => Existing::InProgress,
@@ -144,8 +147,14 @@ impl IdempotencyStore {
     pub fn claim_put(&self, req: &ClaimRequest<'_>, now_ms: i64) -> Put {
         let mut item: Item = HashMap::from([
             ("id".into(), AttributeValue::S(req.key.into())),
-            ("status".into(), AttributeValue::S(STATUS_IN_PROGRESS.into())),
-            ("payloadHash".into(), AttributeValue::S(req.payload_hash.into())),
+            (
+                "status".into(),
+                AttributeValue::S(STATUS_IN_PROGRESS.into()),
+            ),
+            (
+                "payloadHash".into(),
+                AttributeValue::S(req.payload_hash.into()),
+            ),
             (
                 "inProgressUntilMs".into(),
                 dynamo::n(req.in_progress_until_ms),
@@ -159,7 +168,10 @@ impl IdempotencyStore {
         let mut values = HashMap::from([(":nowSeconds".to_string(), dynamo::n(now_ms / 1000))]);
         if req.take_over_expired {
             condition.push_str(" OR (#status = :inProgress AND inProgressUntilMs < :nowMs)");
-            values.insert(":inProgress".into(), AttributeValue::S(STATUS_IN_PROGRESS.into()));
+            values.insert(
+                ":inProgress".into(),
+                AttributeValue::S(STATUS_IN_PROGRESS.into()),
+            );
             values.insert(":nowMs".into(), dynamo::n(now_ms));
         }
         let mut put = Put::builder()
@@ -247,7 +259,9 @@ impl IdempotencyStore {
             .update_item()
             .table_name(&self.table)
             .key("id", AttributeValue::S(key.into()))
-            .update_expression("SET #status = :completed, #result = :result REMOVE inProgressUntilMs")
+            .update_expression(
+                "SET #status = :completed, #result = :result REMOVE inProgressUntilMs",
+            )
             .condition_expression("attribute_exists(id)")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#result", "result")
@@ -275,7 +289,10 @@ impl IdempotencyStore {
             .update_expression("SET inProgressUntilMs = :newUntil")
             .condition_expression("#status = :inProgress AND inProgressUntilMs = :seenUntil")
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":inProgress", AttributeValue::S(STATUS_IN_PROGRESS.into()))
+            .expression_attribute_values(
+                ":inProgress",
+                AttributeValue::S(STATUS_IN_PROGRESS.into()),
+            )
             .expression_attribute_values(":seenUntil", dynamo::n(seen_until_ms))
             .expression_attribute_values(":newUntil", dynamo::n(new_until_ms))
             .send()
@@ -299,7 +316,10 @@ impl IdempotencyStore {
             .key("id", AttributeValue::S(key.into()))
             .condition_expression("#status = :inProgress")
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":inProgress", AttributeValue::S(STATUS_IN_PROGRESS.into()))
+            .expression_attribute_values(
+                ":inProgress",
+                AttributeValue::S(STATUS_IN_PROGRESS.into()),
+            )
             .send()
             .await;
         match result {
@@ -323,7 +343,10 @@ impl IdempotencyStore {
             .update_expression("SET inProgressUntilMs = :zero")
             .condition_expression("#status = :inProgress")
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":inProgress", AttributeValue::S(STATUS_IN_PROGRESS.into()))
+            .expression_attribute_values(
+                ":inProgress",
+                AttributeValue::S(STATUS_IN_PROGRESS.into()),
+            )
             .expression_attribute_values(":zero", dynamo::n(0))
             .send()
             .await;
@@ -365,7 +388,12 @@ pub fn existing_from_reason(
 mod tests {
     use super::*;
 
-    fn record(status: &str, hash: &str, until: Option<i64>, result: Option<&str>) -> IdempotencyRecord {
+    fn record(
+        status: &str,
+        hash: &str,
+        until: Option<i64>,
+        result: Option<&str>,
+    ) -> IdempotencyRecord {
         IdempotencyRecord {
             id: "o#charge".into(),
             status: status.into(),

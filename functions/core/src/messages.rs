@@ -145,7 +145,8 @@ mod tests {
 
     #[test]
     fn when_a_stock_message_arrives_on_the_coordinator_queue_should_refuse_it() {
-        let body = r#"{"type":"ReserveStock","orderId":"o-1","items":[{"productId":"p","quantity":1}]}"#;
+        let body =
+            r#"{"type":"ReserveStock","orderId":"o-1","items":[{"productId":"p","quantity":1}]}"#;
         assert!(parse::<StockCommand>(Some(body), "stock", StockCommand::order_id).is_ok());
         assert!(parse::<SagaEvent>(Some(body), "coordinator", SagaEvent::order_id).is_err());
         assert!(parse::<PaymentCommand>(Some(body), "payment", PaymentCommand::order_id).is_err());

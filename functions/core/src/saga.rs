@@ -273,7 +273,10 @@ mod tests {
     fn when_a_result_is_duplicated_should_not_apply_twice() {
         let s = apply(&SagaState::new(), &Fact::StockReserved).unwrap();
         assert_eq!(apply(&s, &Fact::StockReserved), None);
-        assert_eq!(apply(&s, &Fact::StockRejected(CancelReason::InsufficientStock)), None);
+        assert_eq!(
+            apply(&s, &Fact::StockRejected(CancelReason::InsufficientStock)),
+            None
+        );
     }
 
     #[test]
@@ -288,7 +291,11 @@ mod tests {
     fn when_confirmed_no_late_fact_should_cancel() {
         let s = apply(&SagaState::new(), &Fact::StockReserved).unwrap();
         let s = confirm(&apply(&s, &Fact::PaymentCharged).unwrap()).unwrap();
-        for f in [Fact::TimedOut, Fact::PaymentDeclined, Fact::StockRejected(CancelReason::InsufficientStock)] {
+        for f in [
+            Fact::TimedOut,
+            Fact::PaymentDeclined,
+            Fact::StockRejected(CancelReason::InsufficientStock),
+        ] {
             assert_eq!(apply(&s, &f).map(|n| n.status), None);
         }
     }

@@ -14,5 +14,8 @@ async fn main() -> Result<(), Error> {
     let clients = AwsClients::from_env().await;
     let handler = StockHandler::new(&clients, config, Faults::none());
     let handler = &handler;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| handler.handle(event))).await
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<_>| {
+        handler.handle(event)
+    }))
+    .await
 }

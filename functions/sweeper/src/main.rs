@@ -13,5 +13,8 @@ async fn main() -> Result<(), Error> {
     let clients = AwsClients::from_env().await;
     let handler = SweeperHandler::new(&clients, config);
     let handler = &handler;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| handler.handle(event))).await
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+        handler.handle(event)
+    }))
+    .await
 }

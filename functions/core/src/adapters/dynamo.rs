@@ -48,14 +48,17 @@ pub fn s(v: impl Into<String>) -> AttributeValue {
 }
 
 pub fn get_s(item: &Item, name: &str) -> Result<String, StoreError> {
-    get_s_opt(item, name)?.ok_or_else(|| StoreError::Corrupt(format!("attribute {name} is missing")))
+    get_s_opt(item, name)?
+        .ok_or_else(|| StoreError::Corrupt(format!("attribute {name} is missing")))
 }
 
 pub fn get_s_opt(item: &Item, name: &str) -> Result<Option<String>, StoreError> {
     match item.get(name) {
         None | Some(AttributeValue::Null(_)) => Ok(None),
         Some(AttributeValue::S(v)) => Ok(Some(v.clone())),
-        Some(_) => Err(StoreError::Corrupt(format!("attribute {name} is not a string"))),
+        Some(_) => Err(StoreError::Corrupt(format!(
+            "attribute {name} is not a string"
+        ))),
     }
 }
 
@@ -66,7 +69,9 @@ pub fn get_n_opt(item: &Item, name: &str) -> Result<Option<i64>, StoreError> {
             .parse()
             .map(Some)
             .map_err(|_| StoreError::Corrupt(format!("attribute {name} is not an integer"))),
-        Some(_) => Err(StoreError::Corrupt(format!("attribute {name} is not a number"))),
+        Some(_) => Err(StoreError::Corrupt(format!(
+            "attribute {name} is not a number"
+        ))),
     }
 }
 

@@ -79,7 +79,8 @@ impl Expr {
             condition: vec![],
             values: HashMap::new(),
         };
-        e.values.insert(":now".into(), s(crate::time::rfc3339(now_ms)));
+        e.values
+            .insert(":now".into(), s(crate::time::rfc3339(now_ms)));
         e
     }
 
@@ -104,7 +105,8 @@ impl Expr {
             .value(":cancelled", s("CANCELLED"))
             .value(":reason", s(reason.as_str()));
         if let Some(detail) = detail {
-            self.set("cancelDetail = :detail").value(":detail", s(detail));
+            self.set("cancelDetail = :detail")
+                .value(":detail", s(detail));
         }
         if let Some(product) = product {
             self.set("cancelProductId = :product")
@@ -292,7 +294,12 @@ impl OrderStore {
         self.update(order_id, e, "confirm_order").await
     }
 
-    async fn update(&self, order_id: &str, e: Expr, op: &'static str) -> Result<Update, StoreError> {
+    async fn update(
+        &self,
+        order_id: &str,
+        e: Expr,
+        op: &'static str,
+    ) -> Result<Update, StoreError> {
         let mut expression = format!("SET {}", e.set.join(", "));
         if !e.remove.is_empty() {
             expression.push_str(&format!(" REMOVE {}", e.remove.join(", ")));
@@ -318,12 +325,14 @@ impl OrderStore {
             request = request.expression_attribute_names("#status", "status");
         }
         match request.send().await {
-            Ok(out) => Ok(Update::Applied(dynamo::from_item(
-                out.attributes.ok_or(StoreError::Corrupt("update returned no attributes".into()))?,
-            )?)),
+            Ok(out) => Ok(Update::Applied(dynamo::from_item(out.attributes.ok_or(
+                StoreError::Corrupt("update returned no attributes".into()),
+            )?)?)),
             Err(err) => match err.into_service_error() {
                 UpdateItemError::ConditionalCheckFailedException(e) => match e.item {
-                    Some(item) if !item.is_empty() => Ok(Update::NotApplicable(dynamo::from_item(item)?)),
+                    Some(item) if !item.is_empty() => {
+                        Ok(Update::NotApplicable(dynamo::from_item(item)?))
+                    }
                     _ => Ok(Update::NotFound),
                 },
                 other => Err(StoreError::sdk(op, other)),

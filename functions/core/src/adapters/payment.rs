@@ -97,7 +97,11 @@ pub struct LedgerEntry {
 }
 
 impl SimulatedProvider {
-    pub fn new(client: aws_sdk_dynamodb::Client, ledger_table: impl Into<String>, failure_rate: f64) -> Self {
+    pub fn new(
+        client: aws_sdk_dynamodb::Client,
+        ledger_table: impl Into<String>,
+        failure_rate: f64,
+    ) -> Self {
         Self {
             client,
             ledger_table: ledger_table.into(),
@@ -120,7 +124,9 @@ impl SimulatedProvider {
             Ok(_) => Ok(entry),
             Err(err) => match err.into_service_error() {
                 PutItemError::ConditionalCheckFailedException(e) => {
-                    let item = e.item.ok_or_else(|| ProviderError("ledger entry vanished".into()))?;
+                    let item = e
+                        .item
+                        .ok_or_else(|| ProviderError("ledger entry vanished".into()))?;
                     Ok(dynamo::from_item(item)?)
                 }
                 other => Err(StoreError::sdk("ledger_put", other).into()),
@@ -135,7 +141,7 @@ impl PaymentProvider for SimulatedProvider {
             ChargeOutcome::Declined {
                 reason: "CARD_DECLINED".into(),
             }
-        } else if self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate         {
+        } else if self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate {
             ChargeOutcome::Declined {
                 reason: "RANDOM_DECLINE".into(),
             }
@@ -155,9 +161,9 @@ impl PaymentProvider for SimulatedProvider {
                 created_at: crate::time::rfc3339(crate::time::now_ms()),
             })
             .await?;
-        entry
-            .charge
-            .ok_or_else(|| ProviderError(format!("key {} was used for a refund", req.idempotency_key)))
+        entry.charge.ok_or_else(|| {
+            ProviderError(format!("key {} was used for a refund", req.idempotency_key))
+        })
     }
 
     async fn refund(&self, req: RefundRequest<'_>) -> Result<RefundOutcome, ProviderError> {
@@ -174,8 +180,8 @@ impl PaymentProvider for SimulatedProvider {
                 created_at: crate::time::rfc3339(crate::time::now_ms()),
             })
             .await?;
-        entry
-            .refund
-            .ok_or_else(|| ProviderError(format!("key {} was used for a charge", req.idempotency_key)))
+        entry.refund.ok_or_else(|| {
+            ProviderError(format!("key {} was used for a charge", req.idempotency_key))
+        })
     }
 }

@@ -87,9 +87,9 @@ impl ProductStore {
             {
                 let id = dynamo::get_s(&item, "productId")?;
                 let price = match item.get("priceCents") {
-                    Some(AttributeValue::N(n)) => n
-                        .parse()
-                        .map_err(|_| StoreError::Corrupt(format!("price of {id} is not a whole number")))?,
+                    Some(AttributeValue::N(n)) => n.parse().map_err(|_| {
+                        StoreError::Corrupt(format!("price of {id} is not a whole number"))
+                    })?,
                     _ => return Err(StoreError::Corrupt(format!("product {id} has no price"))),
                 };
                 prices.insert(id, price);

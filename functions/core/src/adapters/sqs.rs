@@ -25,7 +25,11 @@ impl Publisher {
 
     /// Sends one message. An error is returned, never swallowed: the caller's record then
     /// fails and SQS retries it, and the step's idempotency record makes the retry re-publish.
-    pub async fn send(&self, queue_url: &str, message: &impl Serialize) -> Result<(), PublishError> {
+    pub async fn send(
+        &self,
+        queue_url: &str,
+        message: &impl Serialize,
+    ) -> Result<(), PublishError> {
         let body = serde_json::to_string(message).expect("saga messages always serialize");
         self.client
             .send_message()
@@ -46,7 +50,11 @@ impl Publisher {
     }
 
     /// Sends many messages, ten to a `SendMessageBatch` call. Fails if any entry failed.
-    pub async fn send_all<M: Serialize>(&self, queue_url: &str, messages: &[M]) -> Result<(), PublishError> {
+    pub async fn send_all<M: Serialize>(
+        &self,
+        queue_url: &str,
+        messages: &[M],
+    ) -> Result<(), PublishError> {
         for chunk in messages.chunks(10) {
             let entries = chunk
                 .iter()
@@ -54,7 +62,9 @@ impl Publisher {
                 .map(|(i, m)| {
                     SendMessageBatchRequestEntry::builder()
                         .id(i.to_string())
-                        .message_body(serde_json::to_string(m).expect("saga messages always serialize"))
+                        .message_body(
+                            serde_json::to_string(m).expect("saga messages always serialize"),
+                        )
                         .build()
                         .expect("id and body are set")
                 })

@@ -102,7 +102,9 @@ impl StockStore {
                 .update_expression("SET quantity = quantity - :n")
                 .condition_expression("quantity >= :n")
                 .expression_attribute_values(":n", dynamo::un(line.quantity))
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
                 .build()
                 .expect("table, key and expression are set");
             items.push(TransactWriteItem::builder().update(update).build());
@@ -111,7 +113,9 @@ impl StockStore {
             Attempt::Done => Ok(ReserveOutcome::Reserved),
             Attempt::Cancelled(reasons) => {
                 if let Some(existing) = failed(&reasons, 0) {
-                    return Ok(ReserveOutcome::AlreadyDone(idempotency::existing_from_reason(existing)?));
+                    return Ok(ReserveOutcome::AlreadyDone(
+                        idempotency::existing_from_reason(existing)?,
+                    ));
                 }
                 for (i, line) in lines.iter().enumerate() {
                     if let Some(reason) = failed(&reasons, i + 1) {
@@ -159,7 +163,9 @@ impl StockStore {
             .expect("table, key and condition are set");
         let mut items = vec![
             TransactWriteItem::builder().put(record).build(),
-            TransactWriteItem::builder().condition_check(reservation).build(),
+            TransactWriteItem::builder()
+                .condition_check(reservation)
+                .build(),
         ];
         for line in lines {
             let update = Update::builder()
@@ -176,7 +182,9 @@ impl StockStore {
             Attempt::Done => Ok(ReleaseOutcome::Released),
             Attempt::Cancelled(reasons) => {
                 if let Some(existing) = failed(&reasons, 0) {
-                    return Ok(ReleaseOutcome::AlreadyDone(idempotency::existing_from_reason(existing)?));
+                    return Ok(ReleaseOutcome::AlreadyDone(
+                        idempotency::existing_from_reason(existing)?,
+                    ));
                 }
                 if failed(&reasons, 1).is_some() {
                     return Ok(ReleaseOutcome::NothingReserved);

@@ -85,7 +85,11 @@ impl From<crate::adapters::sqs::PublishError> for ApiError {
 
 impl From<crate::faults::Crash> for ApiError {
     fn from(c: crate::faults::Crash) -> Self {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INJECTED_CRASH", c.to_string())
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INJECTED_CRASH",
+            c.to_string(),
+        )
     }
 }
 
@@ -175,11 +179,10 @@ impl ApiHandler {
                 Ok(json_response(StatusCode::OK, &json!(product), &[]))
             }
             Route::GetProduct(id) => {
-                let product = self
-                    .products
-                    .get(&id)
-                    .await?
-                    .ok_or_else(|| ApiError::not_found(format!("product {id} does not exist")))?;
+                let product =
+                    self.products.get(&id).await?.ok_or_else(|| {
+                        ApiError::not_found(format!("product {id} does not exist"))
+                    })?;
                 Ok(json_response(StatusCode::OK, &json!(product), &[]))
             }
         }
@@ -195,12 +198,21 @@ impl ApiHandler {
     /// key is held by a request still running gets 409; a different body, 422. If the request
     /// holding the key died between the write and the sends, its deadline passes and the next
     /// call takes the key over and finishes the same order.
-    async fn place_order(&self, body: &[u8], key: Option<&str>, deadline: i64) -> Result<Response<Body>, ApiError> {
+    async fn place_order(
+        &self,
+        body: &[u8],
+        key: Option<&str>,
+        deadline: i64,
+    ) -> Result<Response<Body>, ApiError> {
         let request: PlaceOrderRequest = parse_json(body)?;
         request
             .validate()
             .map_err(|e| ApiError::bad_request("INVALID_REQUEST", e.to_string()))?;
-        let ids = request.items.iter().map(|i| i.product_id.as_str()).collect::<Vec<_>>();
+        let ids = request
+            .items
+            .iter()
+            .map(|i| i.product_id.as_str())
+            .collect::<Vec<_>>();
         let prices = self.products.prices(&ids).await?;
         let now = crate::time::now_ms();
         let order = domain::price_order(
@@ -247,16 +259,27 @@ impl ApiHandler {
                     Existing::InProgress => Err(in_progress()),
                     Existing::InProgressExpired => {
                         let seen = existing.in_progress_until_ms.unwrap_or_default();
-                        if !self.idempotency.take_over(&record_key, seen, deadline).await? {
+                        if !self
+                            .idempotency
+                            .take_over(&record_key, seen, deadline)
+                            .await?
+                        {
                             return Err(in_progress());
                         }
                         let order_id = existing.order_id.ok_or(StoreError::Corrupt(
                             "idempotency record without its order id".into(),
                         ))?;
-                        let order = self.orders.get(&order_id).await?.ok_or(StoreError::Corrupt(
-                            format!("order {order_id} of an idempotency record is missing"),
-                        ))?;
-                        tracing::warn!(order_id, "taking over an abandoned request; sending its messages again");
+                        let order =
+                            self.orders
+                                .get(&order_id)
+                                .await?
+                                .ok_or(StoreError::Corrupt(format!(
+                                    "order {order_id} of an idempotency record is missing"
+                                )))?;
+                        tracing::warn!(
+                            order_id,
+                            "taking over an abandoned request; sending its messages again"
+                        );
                         self.finish(&record_key, &order).await
                     }
                 }
@@ -278,7 +301,9 @@ impl ApiHandler {
             "orderId": order.order_id,
             "body": order.view(),
         });
-        self.idempotency.complete(record_key, &stored.to_string()).await?;
+        self.idempotency
+            .complete(record_key, &stored.to_string())
+            .await?;
         Ok(accepted(order))
     }
 
@@ -317,7 +342,10 @@ fn accepted(order: &Order) -> Response<Body> {
     json_response(
         StatusCode::ACCEPTED,
         &order.view(),
-        &[(header::LOCATION.as_str(), format!("/orders/{}", order.order_id))],
+        &[(
+            header::LOCATION.as_str(),
+            format!("/orders/{}", order.order_id),
+        )],
     )
 }
 
@@ -343,17 +371,25 @@ fn replay(stored: &str) -> Result<Response<Body>, ApiError> {
 /// else from the path itself (tolerating a stage prefix such as `/dev`).
 fn route(req: &Request) -> Result<Route, ApiError> {
     let path = req.raw_http_path();
-    let path = if path.is_empty() { req.uri().path() } else { path };
+    let path = if path.is_empty() {
+        req.uri().path()
+    } else {
+        path
+    };
     let segments = path.trim_matches('/').split('/').collect::<Vec<_>>();
     let params = req.path_parameters();
     let param = |name: &str, raw: &str| -> Result<String, ApiError> {
         let value = params.first(name).unwrap_or(raw).to_string();
-        domain::validate_id(name, &value).map_err(|e| ApiError::bad_request("INVALID_ID", e.to_string()))?;
+        domain::validate_id(name, &value)
+            .map_err(|e| ApiError::bad_request("INVALID_ID", e.to_string()))?;
         Ok(value)
     };
     let method = req.method();
     let (allowed, route) = match segments.as_slice() {
-        [.., "orders"] => ("POST", (method == Method::POST).then_some(Ok(Route::PlaceOrder))),
+        [.., "orders"] => (
+            "POST",
+            (method == Method::POST).then_some(Ok(Route::PlaceOrder)),
+        ),
         [.., "orders", id] => (
             "GET",
             (method == Method::GET).then(|| param("orderId", id).map(Route::GetOrder)),
@@ -368,10 +404,16 @@ fn route(req: &Request) -> Result<Route, ApiError> {
         ),
         _ => {
             let route_key = match req.request_context_ref() {
-                Some(RequestContext::ApiGatewayV2(ctx)) => ctx.route_key.clone().unwrap_or_default(),
+                Some(RequestContext::ApiGatewayV2(ctx)) => {
+                    ctx.route_key.clone().unwrap_or_default()
+                }
                 _ => String::new(),
             };
-            return Err(ApiError::not_found(format!("no route for {method} {path} {route_key}").trim_end().to_string()));
+            return Err(ApiError::not_found(
+                format!("no route for {method} {path} {route_key}")
+                    .trim_end()
+                    .to_string(),
+            ));
         }
     };
     route.unwrap_or_else(|| {
@@ -401,11 +443,17 @@ fn json_body(req: &Request) -> Result<&[u8], ApiError> {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
-            format!("request body must be at most {} bytes", domain::MAX_BODY_BYTES),
+            format!(
+                "request body must be at most {} bytes",
+                domain::MAX_BODY_BYTES
+            ),
         ));
     }
     if body.is_empty() {
-        return Err(ApiError::bad_request("MALFORMED_JSON", "request body is empty; a JSON object is expected"));
+        return Err(ApiError::bad_request(
+            "MALFORMED_JSON",
+            "request body is empty; a JSON object is expected",
+        ));
     }
     Ok(body)
 }
@@ -414,9 +462,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_json::from_slice(body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("MALFORMED_JSON", format!("request body is not valid JSON: {e}"))
-            }
+            Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
+                "MALFORMED_JSON",
+                format!("request body is not valid JSON: {e}"),
+            ),
             Category::Data => ApiError::bad_request("INVALID_REQUEST", e.to_string()),
         }
     })
@@ -438,7 +487,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     {
         return Err(ApiError::bad_request(
             "INVALID_IDEMPOTENCY_KEY",
-            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+            ),
         ));
     }
     Ok(Some(key.to_string()))
@@ -458,12 +509,32 @@ mod tests {
 
     #[test]
     fn when_routing_should_tolerate_a_stage_prefix_and_refuse_bad_ids() {
-        assert_eq!(route(&request("POST", "/orders")).unwrap(), Route::PlaceOrder);
-        assert_eq!(route(&request("GET", "/dev/orders/o-1")).unwrap(), Route::GetOrder("o-1".into()));
-        assert_eq!(route(&request("PUT", "/products/p-1")).unwrap(), Route::PutProduct("p-1".into()));
-        assert_eq!(route(&request("DELETE", "/products/p-1")).unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(route(&request("GET", "/nope")).unwrap_err().status, StatusCode::NOT_FOUND);
-        assert_eq!(route(&request("GET", "/orders/a%01b")).unwrap_err().code, "INVALID_ID");
+        assert_eq!(
+            route(&request("POST", "/orders")).unwrap(),
+            Route::PlaceOrder
+        );
+        assert_eq!(
+            route(&request("GET", "/dev/orders/o-1")).unwrap(),
+            Route::GetOrder("o-1".into())
+        );
+        assert_eq!(
+            route(&request("PUT", "/products/p-1")).unwrap(),
+            Route::PutProduct("p-1".into())
+        );
+        assert_eq!(
+            route(&request("DELETE", "/products/p-1"))
+                .unwrap_err()
+                .status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&request("GET", "/nope")).unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&request("GET", "/orders/a%01b")).unwrap_err().code,
+            "INVALID_ID"
+        );
     }
 
     #[test]
@@ -480,11 +551,16 @@ mod tests {
 
     #[test]
     fn when_body_is_not_json_should_say_which_kind_of_error() {
-        assert_eq!(parse_json::<PlaceOrderRequest>(b"{").unwrap_err().code, "MALFORMED_JSON");
-        let err = parse_json::<PlaceOrderRequest>(br#"{"customerId": 1, "items": []}"#).unwrap_err();
+        assert_eq!(
+            parse_json::<PlaceOrderRequest>(b"{").unwrap_err().code,
+            "MALFORMED_JSON"
+        );
+        let err =
+            parse_json::<PlaceOrderRequest>(br#"{"customerId": 1, "items": []}"#).unwrap_err();
         assert_eq!(err.code, "INVALID_REQUEST");
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        let err = parse_json::<PlaceOrderRequest>(br#"{"customerId":"c","items":[],"extra":1}"#).unwrap_err();
+        let err = parse_json::<PlaceOrderRequest>(br#"{"customerId":"c","items":[],"extra":1}"#)
+            .unwrap_err();
         assert!(err.message.contains("unknown field"), "{}", err.message);
     }
 }

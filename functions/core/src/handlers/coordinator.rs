@@ -39,7 +39,10 @@ impl CoordinatorHandler {
         }
     }
 
-    pub async fn handle(&self, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+    pub async fn handle(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+    ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
         Ok(process_batch(&event.payload, |record| self.process(record)).await?)
     }
 
@@ -58,17 +61,25 @@ impl CoordinatorHandler {
                 order
             }
             Update::NotFound => {
-                return Err(RecordError::Permanent(format!("order {order_id} does not exist")));
+                return Err(RecordError::Permanent(format!(
+                    "order {order_id} does not exist"
+                )));
             }
         };
         if follow_ups(&order.saga_state()).confirm {
             match self.orders.confirm(order_id, now).await? {
                 Update::Applied(confirmed) => {
-                    tracing::info!(order_id, total_cents = confirmed.total_cents, "order confirmed");
+                    tracing::info!(
+                        order_id,
+                        total_cents = confirmed.total_cents,
+                        "order confirmed"
+                    );
                     order = confirmed;
                 }
                 Update::NotApplicable(current) => order = current,
-                Update::NotFound => return Err(RecordError::Permanent(format!("order {order_id} vanished"))),
+                Update::NotFound => {
+                    return Err(RecordError::Permanent(format!("order {order_id} vanished")))
+                }
             }
         }
         self.faults.hit(FaultPoint::AfterWrite)?;
@@ -91,7 +102,10 @@ impl CoordinatorHandler {
         }
         if todo.refund_payment {
             let payment_id = order.payment_id.clone().ok_or_else(|| {
-                RecordError::Permanent(format!("order {} is charged but has no payment id", order.order_id))
+                RecordError::Permanent(format!(
+                    "order {} is charged but has no payment id",
+                    order.order_id
+                ))
             })?;
             tracing::info!(order_id = %order.order_id, "refunding payment of cancelled order");
             let command = PaymentCommand::RefundPayment {
@@ -99,7 +113,9 @@ impl CoordinatorHandler {
                 payment_id,
                 amount_cents: order.total_cents,
             };
-            self.publisher.send(&self.payment_queue_url, &command).await?;
+            self.publisher
+                .send(&self.payment_queue_url, &command)
+                .await?;
         }
         Ok(())
     }
@@ -115,7 +131,9 @@ fn fact_update(event: &SagaEvent) -> FactUpdate {
                 messages::StockRejection::InsufficientStock => {
                     format!("not enough stock of product {product_id}")
                 }
-                messages::StockRejection::UnknownProduct => format!("product {product_id} does not exist"),
+                messages::StockRejection::UnknownProduct => {
+                    format!("product {product_id} does not exist")
+                }
             }),
             cancel_product_id: Some(product_id.clone()),
             ..FactUpdate::new(Fact::StockRejected((*reason).into()))

@@ -10,7 +10,9 @@ use lambda_runtime::LambdaEvent;
 
 use super::batch::{deadline_ms, process_batch, RecordError};
 use super::stock::{replay, to_json};
-use crate::adapters::payment::{ChargeOutcome, ChargeRequest, PaymentProvider, RefundRequest, SimulatedProvider};
+use crate::adapters::payment::{
+    ChargeOutcome, ChargeRequest, PaymentProvider, RefundRequest, SimulatedProvider,
+};
 use crate::adapters::sqs::Publisher;
 use crate::aws::AwsClients;
 use crate::config::PaymentConfig;
@@ -28,13 +30,22 @@ pub struct PaymentHandler<P: PaymentProvider = SimulatedProvider> {
 
 impl PaymentHandler<SimulatedProvider> {
     pub fn new(clients: &AwsClients, config: PaymentConfig, faults: Faults) -> Self {
-        let provider = SimulatedProvider::new(clients.dynamodb.clone(), &config.ledger_table, config.failure_rate);
+        let provider = SimulatedProvider::new(
+            clients.dynamodb.clone(),
+            &config.ledger_table,
+            config.failure_rate,
+        );
         Self::with_provider(clients, config, provider, faults)
     }
 }
 
 impl<P: PaymentProvider> PaymentHandler<P> {
-    pub fn with_provider(clients: &AwsClients, config: PaymentConfig, provider: P, faults: Faults) -> Self {
+    pub fn with_provider(
+        clients: &AwsClients,
+        config: PaymentConfig,
+        provider: P,
+        faults: Faults,
+    ) -> Self {
         Self {
             idempotency: IdempotencyStore::new(clients.dynamodb.clone(), config.idempotency_table),
             provider,
@@ -44,7 +55,10 @@ impl<P: PaymentProvider> PaymentHandler<P> {
         }
     }
 
-    pub async fn handle(&self, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+    pub async fn handle(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+    ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
         let deadline = deadline_ms(&event.context, 15_000);
         Ok(process_batch(&event.payload, |record| self.process(record, deadline)).await?)
     }
@@ -83,12 +97,18 @@ impl<P: PaymentProvider> PaymentHandler<P> {
                 result
             }
         };
-        self.publisher.send(&self.coordinator_queue_url, &result).await?;
+        self.publisher
+            .send(&self.coordinator_queue_url, &result)
+            .await?;
         self.faults.hit(FaultPoint::AfterPublish)?;
         Ok(())
     }
 
-    async fn call_provider(&self, key: &str, command: &PaymentCommand) -> Result<SagaEvent, RecordError> {
+    async fn call_provider(
+        &self,
+        key: &str,
+        command: &PaymentCommand,
+    ) -> Result<SagaEvent, RecordError> {
         let result = match command {
             PaymentCommand::ChargePayment {
                 order_id,

@@ -31,7 +31,10 @@ impl StockHandler {
         }
     }
 
-    pub async fn handle(&self, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, lambda_runtime::Error> {
+    pub async fn handle(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+    ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
         Ok(process_batch(&event.payload, |record| self.process(record)).await?)
     }
 
@@ -39,33 +42,53 @@ impl StockHandler {
         let command = messages::parse(record.body.as_deref(), "stock", StockCommand::order_id)?;
         let now = crate::time::now_ms();
         let result = match &command {
-            StockCommand::ReserveStock { order_id, items } => self.reserve(order_id, items, now).await?,
-            StockCommand::ReleaseStock { order_id, items } => match self.release(order_id, items, now).await? {
-                Some(result) => result,
-                None => return Ok(()),
-            },
+            StockCommand::ReserveStock { order_id, items } => {
+                self.reserve(order_id, items, now).await?
+            }
+            StockCommand::ReleaseStock { order_id, items } => {
+                match self.release(order_id, items, now).await? {
+                    Some(result) => result,
+                    None => return Ok(()),
+                }
+            }
         };
         self.faults.hit(FaultPoint::AfterWrite)?;
-        self.publisher.send(&self.coordinator_queue_url, &result).await?;
+        self.publisher
+            .send(&self.coordinator_queue_url, &result)
+            .await?;
         self.faults.hit(FaultPoint::AfterPublish)?;
         Ok(())
     }
 
-    async fn reserve(&self, order_id: &str, items: &[StockLine], now: i64) -> Result<SagaEvent, RecordError> {
+    async fn reserve(
+        &self,
+        order_id: &str,
+        items: &[StockLine],
+        now: i64,
+    ) -> Result<SagaEvent, RecordError> {
         validate_lines(items)?;
         let hash = idempotency::payload_hash(&items);
         let reserved = SagaEvent::StockReserved {
             order_id: order_id.into(),
         };
         let reserved_json = to_json(&reserved);
-        match self.store.reserve(order_id, items, &hash, &reserved_json, now).await? {
+        match self
+            .store
+            .reserve(order_id, items, &hash, &reserved_json, now)
+            .await?
+        {
             ReserveOutcome::Reserved => {
                 tracing::info!(order_id, "stock reserved");
                 Ok(reserved)
             }
             ReserveOutcome::AlreadyDone(record) => replay(&record, &hash, now),
             ReserveOutcome::Rejected { reason, product_id } => {
-                tracing::info!(order_id, product_id, ?reason, "stock rejected; nothing reserved");
+                tracing::info!(
+                    order_id,
+                    product_id,
+                    ?reason,
+                    "stock rejected; nothing reserved"
+                );
                 let rejected = SagaEvent::StockRejected {
                     order_id: order_id.into(),
                     reason,
@@ -77,7 +100,13 @@ impl StockHandler {
                 match self
                     .store
                     .idempotency()
-                    .put_completed(&key, &hash, &to_json(&rejected), idempotency::STEP_RECORD_TTL, now)
+                    .put_completed(
+                        &key,
+                        &hash,
+                        &to_json(&rejected),
+                        idempotency::STEP_RECORD_TTL,
+                        now,
+                    )
                     .await?
                 {
                     Claim::Acquired => Ok(rejected),
@@ -88,7 +117,12 @@ impl StockHandler {
     }
 
     /// `None` when there was no successful reservation to release.
-    async fn release(&self, order_id: &str, items: &[StockLine], now: i64) -> Result<Option<SagaEvent>, RecordError> {
+    async fn release(
+        &self,
+        order_id: &str,
+        items: &[StockLine],
+        now: i64,
+    ) -> Result<Option<SagaEvent>, RecordError> {
         validate_lines(items)?;
         let hash = idempotency::payload_hash(&items);
         let released = SagaEvent::StockReleased {
@@ -99,7 +133,14 @@ impl StockHandler {
         });
         match self
             .store
-            .release(order_id, items, &hash, &to_json(&released), &reserved_json, now)
+            .release(
+                order_id,
+                items,
+                &hash,
+                &to_json(&released),
+                &reserved_json,
+                now,
+            )
             .await?
         {
             ReleaseOutcome::Released => {
@@ -108,7 +149,10 @@ impl StockHandler {
             }
             ReleaseOutcome::AlreadyDone(record) => replay(&record, &hash, now).map(Some),
             ReleaseOutcome::NothingReserved => {
-                tracing::warn!(order_id, "release requested but the order holds no reservation; nothing to do");
+                tracing::warn!(
+                    order_id,
+                    "release requested but the order holds no reservation; nothing to do"
+                );
                 Ok(None)
             }
         }
@@ -123,21 +167,30 @@ fn validate_lines(items: &[StockLine]) -> Result<(), RecordError> {
         )));
     }
     for item in items {
-        crate::domain::validate_id("productId", &item.product_id).map_err(|e| RecordError::Permanent(e.to_string()))?;
+        crate::domain::validate_id("productId", &item.product_id)
+            .map_err(|e| RecordError::Permanent(e.to_string()))?;
         if item.quantity == 0 || item.quantity > crate::domain::MAX_QUANTITY_PER_LINE {
-            return Err(RecordError::Permanent(format!("invalid quantity {}", item.quantity)));
+            return Err(RecordError::Permanent(format!(
+                "invalid quantity {}",
+                item.quantity
+            )));
         }
     }
     Ok(())
 }
 
 /// The result recorded by an earlier attempt, to publish again.
-pub(crate) fn replay(record: &IdempotencyRecord, hash: &str, now: i64) -> Result<SagaEvent, RecordError> {
+pub(crate) fn replay(
+    record: &IdempotencyRecord,
+    hash: &str,
+    now: i64,
+) -> Result<SagaEvent, RecordError> {
     match record.classify(hash, now) {
         Existing::Completed(result) => {
             tracing::info!(key = %record.id, "step already done; publishing its result again");
-            serde_json::from_str(&result)
-                .map_err(|e| RecordError::Permanent(format!("stored result of {} is unreadable: {e}", record.id)))
+            serde_json::from_str(&result).map_err(|e| {
+                RecordError::Permanent(format!("stored result of {} is unreadable: {e}", record.id))
+            })
         }
         Existing::PayloadMismatch => Err(RecordError::Permanent(format!(
             "{} was already done with a different payload",

@@ -61,7 +61,11 @@ impl SweeperHandler {
             .send_all(&self.config.coordinator_queue_url, &events)
             .await?;
         if !ids.is_empty() {
-            tracing::info!(count = ids.len(), cutoff_ms, "pending orders past the timeout handed to the coordinator");
+            tracing::info!(
+                count = ids.len(),
+                cutoff_ms,
+                "pending orders past the timeout handed to the coordinator"
+            );
         }
         Ok(json!({ "timedOut": ids.len(), "cutoffMs": cutoff_ms }))
     }

