@@ -668,6 +668,9 @@ fn spawn(
 /// Stops the services recorded in `$REPO/.local/pids/` (SIGTERM, SIGKILL after a few
 /// seconds) and removes the pid files, stale ones too. A recorded pid that now belongs
 /// to another program is left alone. Returns how many services it stopped.
+///
+/// It blocks (up to about 7 s per service): from async code, call it through
+/// `tokio::task::spawn_blocking`.
 pub fn stop_from_pid_files(repo_root: &Path) -> usize {
     let Ok(entries) = fs::read_dir(pid_dir(repo_root)) else {
         return 0;

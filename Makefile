@@ -1,0 +1,68 @@
+# Order-processing saga: build, run on 127.0.0.1 and test. `make help` lists the targets.
+# Everything runs locally (DynamoDB Local and moto on 127.0.0.1); nothing calls AWS.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+CARGO ?= cargo
+SETUP := infra/scripts/setup.sh
+# The venv's tools (moto_server, cargo-lambda, cfn-lint, sam, and the python3 whose
+# ziglang cargo-lambda links with) come first.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export SAM_CLI_TELEMETRY := 0
+# Extra arguments for `make run`, e.g. make run ARGS='--help'.
+ARGS ?=
+# `make test KEEP_SERVICES=1` leaves DynamoDB Local and moto running afterwards.
+KEEP_SERVICES ?=
+
+.PHONY: help setup setup-tools build run test lint fmt stop clean redrive bench
+
+help: ## List the targets
+	@echo "usage: make TARGET"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-12s %s\n", $$1, $$2 }'
+
+setup: ## Install Java 17+, moto (.venv) and DynamoDB Local (infra/node_modules)
+	$(SETUP) stack
+
+setup-tools: ## setup, plus cargo-lambda, zig, cfn-lint, sam and the arm64 Rust target
+	$(SETUP) all
+
+build: ## cargo build --release of the workspace's binaries
+	$(CARGO) build --release --workspace --bins
+
+run: setup ## Run the whole saga on 127.0.0.1:3000 (starts or reuses the local services)
+	$(CARGO) run -p local-runner --bin saga-local -- run $(ARGS)
+
+# The debug build is the one `make test` builds too, so the two share their artifacts.
+QUEUE ?=
+redrive: ## Move messages from a DLQ back to its queue: make redrive QUEUE=StockDeadLetterQueue
+	@if [ -z "$(QUEUE)" ]; then echo "usage: make redrive QUEUE=StockDeadLetterQueue (or PaymentDeadLetterQueue, CoordinatorDeadLetterQueue)"; exit 2; fi
+	$(CARGO) run -q -p local-runner --bin saga-local -- redrive --queue $(QUEUE) $(ARGS)
+
+bench: setup ## Budgets: cold start to first event, release binary sizes, AWS calls per confirmed order
+	infra/scripts/bench.sh
+
+fmt: ## Format the Rust code
+	$(CARGO) fmt --all
+
+lint: setup-tools ## rustfmt check, clippy -D warnings, cfn-lint and sam validate on template.yaml
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if [ -f template.yaml ]; then \
+		echo "cfn-lint template.yaml" && cfn-lint template.yaml && \
+		echo "sam validate --lint" && sam validate --lint --region us-east-1 --template-file template.yaml; \
+	fi
+
+test: setup-tools lint ## Lint, then the whole test suite; stops the services afterwards
+	status=0; $(CARGO) test --workspace || status=$$?; \
+	if [ -z "$(KEEP_SERVICES)" ]; then $(MAKE) --no-print-directory stop || true; fi; \
+	exit $$status
+
+stop: ## Stop the local services recorded in .local/pids
+	$(CARGO) run -q -p local-runner --bin saga-local -- stop
+
+clean: ## Stop the services; remove .local (logs, pids, data) and the outputs of cargo lambda and sam
+	$(MAKE) --no-print-directory stop || true
+	rm -rf .local target/lambda .aws-sam

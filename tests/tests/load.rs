@@ -1,0 +1,58 @@
+//! Load: 200 concurrent orders of 1 to 3 units over 5 products with scarce stock and a
+//! payment failure rate of 0.2. Afterwards every order is final and the invariants hold.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use saga_tests::{assert_invariants, TestStack};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_keep_every_invariant() {
+    let t = TestStack::start_with(|o| {
+        o.env_overrides.insert("PAYMENT_FAILURE_RATE".into(), "0.2".into());
+    })
+    .await;
+    let products: Vec<(String, i64)> = (0..5).map(|i| (format!("p-load-{i}"), 20 + i * 10)).collect();
+    for (id, qty) in &products {
+        t.put_product(id, 100 + *qty as u64, *qty as u64).await;
+    }
+    let initial: HashMap<String, i64> = products.iter().cloned().collect();
+
+    let started = Instant::now();
+    let orders: Vec<Vec<(String, u64)>> = (0..200)
+        .map(|_| {
+            let lines = fastrand::usize(1..=2);
+            let mut picked: Vec<usize> = (0..5).collect();
+            fastrand::shuffle(&mut picked);
+            picked[..lines]
+                .iter()
+                .map(|&p| (products[p].0.clone(), fastrand::u64(1..=3)))
+                .collect()
+        })
+        .collect();
+    let ids: Vec<String> = futures::stream::iter(orders.iter())
+        .map(|items| {
+            let t = &t;
+            async move {
+                let items: Vec<(&str, u64)> = items.iter().map(|(p, q)| (p.as_str(), *q)).collect();
+                t.place_ok(&items, None).await
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let placed_in = started.elapsed();
+    let settled = t.wait_all_settled(&ids, Duration::from_secs(180)).await;
+    let confirmed = settled.iter().filter(|o| o["status"] == "CONFIRMED").count();
+    let declined = settled.iter().filter(|o| o["cancelReason"] == "PAYMENT_DECLINED").count();
+    let short = settled.iter().filter(|o| o["cancelReason"] == "INSUFFICIENT_STOCK").count();
+    eprintln!(
+        "load: 200 orders placed in {placed_in:?}, all settled in {:?}: {confirmed} confirmed, {declined} declined, {short} short of stock",
+        started.elapsed()
+    );
+    assert_eq!(settled.len(), 200);
+    assert!(confirmed > 0 && declined > 0 && short > 0, "the mix should exercise every path");
+    assert_invariants(&t, &settled, &initial).await;
+    t.stop().await;
+}
