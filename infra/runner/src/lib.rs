@@ -6,6 +6,7 @@
 //! - [`http`]: API Gateway's HTTP API in front of the order API handler;
 //! - [`esm`]: Lambda's SQS event source mapping in front of the queue consumers;
 //! - [`redrive`]: moves messages from a DLQ back to its source queue.
+pub mod counting;
 pub mod esm;
 pub mod http;
 pub mod provision;

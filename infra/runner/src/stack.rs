@@ -74,6 +74,8 @@ pub struct StackOptions {
     pub sweep_every: Option<Duration>,
     /// Functions (logical ids) whose event source mappings start paused.
     pub paused: Vec<String>,
+    /// Records every AWS call the stack makes (the budget benchmark).
+    pub call_counter: Option<crate::counting::CallCounter>,
 }
 
 impl StackOptions {
@@ -94,6 +96,7 @@ impl StackOptions {
             poll_wait_seconds: 20,
             sweep_every: None,
             paused: Vec::new(),
+            call_counter: None,
         }
     }
 }
@@ -103,6 +106,16 @@ pub async fn local_clients(
     dynamodb_endpoint: &str,
     sqs_endpoint: &str,
     region: &str,
+) -> AwsClients {
+    local_clients_counted(dynamodb_endpoint, sqs_endpoint, region, None).await
+}
+
+/// [`local_clients`], recording every call in `counter` when one is given.
+pub async fn local_clients_counted(
+    dynamodb_endpoint: &str,
+    sqs_endpoint: &str,
+    region: &str,
+    counter: Option<crate::counting::CallCounter>,
 ) -> AwsClients {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(region.to_string()))
@@ -115,17 +128,16 @@ pub async fn local_clients(
         ))
         .load()
         .await;
+    let mut dynamodb =
+        aws_sdk_dynamodb::config::Builder::from(&config).endpoint_url(dynamodb_endpoint);
+    let mut sqs = aws_sdk_sqs::config::Builder::from(&config).endpoint_url(sqs_endpoint);
+    if let Some(counter) = counter {
+        dynamodb = dynamodb.interceptor(counter.clone());
+        sqs = sqs.interceptor(counter);
+    }
     AwsClients {
-        dynamodb: aws_sdk_dynamodb::Client::from_conf(
-            aws_sdk_dynamodb::config::Builder::from(&config)
-                .endpoint_url(dynamodb_endpoint)
-                .build(),
-        ),
-        sqs: aws_sdk_sqs::Client::from_conf(
-            aws_sdk_sqs::config::Builder::from(&config)
-                .endpoint_url(sqs_endpoint)
-                .build(),
-        ),
+        dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+        sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
     }
 }
 
@@ -146,8 +158,13 @@ pub struct Stack {
 impl Stack {
     pub async fn start(opts: StackOptions) -> Result<Stack, StackError> {
         let template = Template::from_file(&opts.template_path)?;
-        let clients =
-            local_clients(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region).await;
+        let clients = local_clients_counted(
+            &opts.dynamodb_endpoint,
+            &opts.sqs_endpoint,
+            &opts.region,
+            opts.call_counter.clone(),
+        )
+        .await;
         let names =
             provision::provision(&template, &opts.prefix, &clients.dynamodb, &clients.sqs).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);

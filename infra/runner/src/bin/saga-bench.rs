@@ -1,0 +1,340 @@
+//! `saga-bench`: measures the design budgets (run by `make bench`).
+//!
+//! ```text
+//! saga-bench cold-start [--runs N] BINARY...   process start -> first GET .../invocation/next
+//! saga-bench calls                             AWS calls made for one confirmed order
+//! ```
+//! Exits non-zero when a budget is exceeded.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use local_runner::counting::{Call, CallCounter};
+use local_runner::services::{self, ServiceOptions};
+use local_runner::stack::{local_clients, Stack, StackOptions};
+
+const COLD_START_BUDGET_MS: f64 = 10.0;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let ok = match args.first().map(String::as_str) {
+        Some("cold-start") => cold_start(&args[1..]),
+        Some("calls") => tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(calls()),
+        _ => {
+            eprintln!("usage: saga-bench cold-start [--runs N] BINARY... | saga-bench calls");
+            false
+        }
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Environment a function needs to start: its configuration (dummy values: nothing is
+/// called before the first event) and what Lambda sets.
+fn lambda_env(cmd: &mut Command, name: &str, runtime_api: &str) {
+    for (k, v) in [
+        ("AWS_LAMBDA_RUNTIME_API", runtime_api),
+        ("AWS_LAMBDA_FUNCTION_NAME", name),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/bench"),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", "bench"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "bench"),
+        ("AWS_SECRET_ACCESS_KEY", "bench"),
+        ("AWS_SESSION_TOKEN", "bench"),
+        ("ORDERS_TABLE", "OrdersTable"),
+        ("ORDERS_PENDING_INDEX", "PendingOrdersIndex"),
+        ("PRODUCTS_TABLE", "ProductsTable"),
+        ("IDEMPOTENCY_TABLE", "IdempotencyTable"),
+        ("PAYMENT_LEDGER_TABLE", "PaymentLedgerTable"),
+        ("STOCK_QUEUE_URL", "http://127.0.0.1:9/q"),
+        ("PAYMENT_QUEUE_URL", "http://127.0.0.1:9/q"),
+        ("COORDINATOR_QUEUE_URL", "http://127.0.0.1:9/q"),
+        ("PAYMENT_FAILURE_RATE", "0"),
+        ("ORDER_TIMEOUT_SECONDS", "300"),
+        ("RUST_LOG", "warn"),
+    ] {
+        cmd.env(k, v);
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn cold_start(args: &[String]) -> bool {
+    let mut runs = 30usize;
+    let mut binaries = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--runs" {
+            runs = args.get(i + 1).and_then(|r| r.parse().ok()).unwrap_or(runs);
+            i += 2;
+        } else {
+            binaries.push(args[i].clone());
+            i += 1;
+        }
+    }
+    let mut ok = true;
+    println!("cold start: process start -> first GET /2018-06-01/runtime/invocation/next ({runs} runs each; budget {COLD_START_BUDGET_MS} ms)");
+    println!(
+        "{:<14} {:>8} {:>8} {:>8} {:>8}",
+        "function", "min ms", "median", "p95", "max"
+    );
+    for binary in &binaries {
+        let name = std::path::Path::new(binary)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let mut cmd = Command::new(binary);
+            lambda_env(&mut cmd, &name, &addr);
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            let started = Instant::now();
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+            listener.set_nonblocking(false).ok();
+            let (stream, _) = listener
+                .accept()
+                .expect("the function connects to the runtime API");
+            let mut line = String::new();
+            BufReader::new(stream)
+                .read_line(&mut line)
+                .expect("request line");
+            let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+            assert!(
+                line.contains("/runtime/invocation/next"),
+                "unexpected first request: {line}"
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            samples.push(elapsed);
+        }
+        samples.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+        let median = percentile(&samples, 0.5);
+        println!(
+            "{name:<14} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            samples[0],
+            median,
+            percentile(&samples, 0.95),
+            samples[samples.len() - 1]
+        );
+        if median > COLD_START_BUDGET_MS {
+            println!("  OVER BUDGET: median {median:.2} ms > {COLD_START_BUDGET_MS} ms");
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// Operations the event source mapping performs on the function's behalf (Lambda's service,
+/// not the function's code).
+const MAPPING_OPS: &[&str] = &[
+    "ReceiveMessage",
+    "DeleteMessageBatch",
+    "DeleteMessage",
+    "ChangeMessageVisibility",
+];
+const WRITES: &[&str] = &[
+    "PutItem",
+    "UpdateItem",
+    "DeleteItem",
+    "TransactWriteItems",
+    "BatchWriteItem",
+];
+const READS: &[&str] = &["GetItem", "Query", "Scan", "BatchGetItem"];
+const SENDS: &[&str] = &["SendMessage", "SendMessageBatch"];
+
+struct Tally {
+    writes: usize,
+    provider_writes: usize,
+    batch_reads: usize,
+    other_reads: usize,
+    sends: usize,
+    other: usize,
+}
+
+fn tally(calls: &[Call], ledger_table: &str) -> Tally {
+    let mut t = Tally {
+        writes: 0,
+        provider_writes: 0,
+        batch_reads: 0,
+        other_reads: 0,
+        sends: 0,
+        other: 0,
+    };
+    for c in calls
+        .iter()
+        .filter(|c| !MAPPING_OPS.contains(&c.operation.as_str()))
+    {
+        let op = c.operation.as_str();
+        if WRITES.contains(&op) {
+            if c.tables.iter().any(|t| t == ledger_table) {
+                t.provider_writes += 1;
+            } else {
+                t.writes += 1;
+            }
+        } else if op == "BatchGetItem" {
+            t.batch_reads += 1;
+        } else if READS.contains(&op) {
+            t.other_reads += 1;
+        } else if SENDS.contains(&op) {
+            t.sends += 1;
+        } else {
+            t.other += 1;
+        }
+    }
+    t
+}
+
+async fn calls() -> bool {
+    let root = std::env::current_dir().expect("cwd");
+    let services = match services::ensure_services(&ServiceOptions::new(root.clone())).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return false;
+        }
+    };
+    let counter = CallCounter::default();
+    let mut opts = StackOptions::new(&root);
+    opts.prefix = format!("bench{}-", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    opts.http_addr = ([127, 0, 0, 1], 0).into();
+    opts.dynamodb_endpoint = services.dynamodb_endpoint();
+    opts.sqs_endpoint = services.sqs_endpoint();
+    opts.poll_wait_seconds = 1;
+    opts.sweep_every = Some(Duration::ZERO);
+    opts.env_overrides
+        .insert("PAYMENT_FAILURE_RATE".into(), "0".into());
+    opts.call_counter = Some(counter.clone());
+    let stack = Stack::start(opts.clone()).await.expect("stack starts");
+    // The benchmark's own reads go through clients that are not counted.
+    let reader = local_clients(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region).await;
+    let products = stack.table("ProductsTable").to_string();
+    let orders = stack.table("OrdersTable").to_string();
+    let ledger = stack.table("PaymentLedgerTable").to_string();
+    use aws_sdk_dynamodb::types::AttributeValue as A;
+    for (id, price) in [("p-bench-1", 1250), ("p-bench-2", 800)] {
+        reader
+            .dynamodb
+            .put_item()
+            .table_name(&products)
+            .item("productId", A::S(id.into()))
+            .item("name", A::S(id.into()))
+            .item("priceCents", A::N(price.to_string()))
+            .item("quantity", A::N("100".into()))
+            .send()
+            .await
+            .expect("seed");
+    }
+    let mut ok = true;
+    println!("\nAWS calls for one confirmed order (two items), by operation; budget: at most 13 calls = 8 DynamoDB writes + 1 batch read + 4 SQS sends, no other read");
+    for (label, key) in [
+        ("without Idempotency-Key", None),
+        ("with Idempotency-Key", Some("bench-key-1")),
+    ] {
+        let _ = counter.take();
+        let mut cmd = vec![
+            "-s".to_string(),
+            "-X".into(),
+            "POST".into(),
+            format!("http://{}/orders", stack.http_addr),
+            "-H".into(),
+            "content-type: application/json".into(),
+            "-d".into(),
+            r#"{"customerId":"c-bench","items":[{"productId":"p-bench-1","quantity":2},{"productId":"p-bench-2","quantity":1}]}"#.into(),
+        ];
+        if let Some(k) = key {
+            cmd.push("-H".into());
+            cmd.push(format!("idempotency-key: {k}"));
+        }
+        let out = Command::new("curl").args(&cmd).output().expect("curl");
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let order_id = body["orderId"].as_str().unwrap_or_default().to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let item = reader
+                .dynamodb
+                .get_item()
+                .table_name(&orders)
+                .key("orderId", A::S(order_id.clone()))
+                .consistent_read(true)
+                .send()
+                .await
+                .expect("get");
+            let status = item
+                .item
+                .and_then(|i| i.get("status").and_then(|s| s.as_s().ok().cloned()))
+                .unwrap_or_default();
+            if status == "CONFIRMED" {
+                break;
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "order {order_id} not confirmed: {status} {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Let anything still in flight finish before counting.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let calls = counter.take();
+        let t = tally(&calls, &ledger);
+        let function_calls: BTreeMap<String, usize> = CallCounter::summary(
+            &calls
+                .iter()
+                .filter(|c| !MAPPING_OPS.contains(&c.operation.as_str()))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        println!("\n  {label}:");
+        for (op, n) in &function_calls {
+            println!("    {op:<40} {n}");
+        }
+        let total = t.writes + t.batch_reads + t.other_reads + t.sends + t.other;
+        println!(
+            "    saga total {total} calls: {} DynamoDB writes, {} batch read, {} other reads, {} SQS sends, {} other",
+            t.writes, t.batch_reads, t.other_reads, t.sends, t.other
+        );
+        println!("    + {} write(s) by the payment simulator to its own ledger (a real provider is an HTTPS call, not AWS)", t.provider_writes);
+        let within = total <= 13
+            && t.writes <= 8
+            && t.batch_reads <= 1
+            && t.other_reads == 0
+            && t.sends <= 4;
+        let with_provider = total + t.provider_writes <= 13 && t.writes + t.provider_writes <= 8;
+        println!(
+            "    budget: {} (counting the simulator's ledger write too: {})",
+            if within { "within" } else { "OVER" },
+            if with_provider { "within" } else { "over" }
+        );
+        ok &= within;
+    }
+    stack.stop().await;
+    let admin = local_clients(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region).await;
+    let template =
+        local_runner::template::Template::from_file(root.join("template.yaml")).expect("template");
+    let _ = local_runner::provision::delete_prefixed(
+        &template,
+        &opts.prefix,
+        &admin.dynamodb,
+        &admin.sqs,
+    )
+    .await;
+    ok
+}
