@@ -4,6 +4,7 @@
 //! and whose effect is [`crate::saga::apply`]; when the condition fails, DynamoDB hands back
 //! the current order (`ALL_OLD`), so a duplicate or late fact costs no extra read.
 
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
@@ -18,6 +19,19 @@ use crate::saga::Fact;
 pub struct OrderStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
+}
+
+/// Why an order and its companion record were not created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The companion record's condition failed: here is the record that stands (ALL_OLD).
+    #[error("the companion record already exists")]
+    OtherRecordExists(aws_sdk_dynamodb::types::CancellationReason),
+    /// Another transaction on the same items was in flight (a concurrent duplicate).
+    #[error("a concurrent transaction touched the same items")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The result of a conditional update on an order.
@@ -154,40 +168,39 @@ impl OrderStore {
     }
 
     /// Creates the order and another record (an idempotency claim) in one transaction.
-    /// Returns `Err(Ok(reason))` when the other record's condition failed, with its reason.
-    pub async fn create_with(
-        &self,
-        order: &Order,
-        other: Put,
-    ) -> Result<(), Result<aws_sdk_dynamodb::types::CancellationReason, StoreError>> {
+    pub async fn create_with(&self, order: &Order, other: Put) -> Result<(), CreateError> {
         let result = self
             .client
             .transact_write_items()
             .transact_items(TransactWriteItem::builder().put(other).build())
             .transact_items(
                 TransactWriteItem::builder()
-                    .put(self.create_put(order).map_err(Err)?)
+                    .put(self.create_put(order)?)
                     .build(),
             )
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match err.into_service_error() {
-                aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(e) => {
-                    let reasons = e.cancellation_reasons.unwrap_or_default();
-                    match reasons.into_iter().next() {
-                        Some(r) if r.code.as_deref() == Some("ConditionalCheckFailed") => Err(Ok(r)),
-                        other => Err(Err(StoreError::Sdk {
-                            op: "create_order_with_claim",
-                            code: "TransactionCanceled".into(),
-                            message: format!("{:?}", other.and_then(|r| r.code)),
-                        })),
-                    }
-                }
-                other => Err(Err(StoreError::sdk("create_order_with_claim", other))),
-            },
+        let err = match result {
+            Ok(_) => return Ok(()),
+            Err(err) => err.into_service_error(),
+        };
+        if let TransactWriteItemsError::TransactionCanceledException(e) = &err {
+            let reasons = e.cancellation_reasons.clone().unwrap_or_default();
+            let code = |i: usize| reasons.get(i).and_then(|r| r.code.as_deref());
+            if code(0) == Some("ConditionalCheckFailed") {
+                return Err(CreateError::OtherRecordExists(reasons[0].clone()));
+            }
+            if reasons
+                .iter()
+                .any(|r| r.code.as_deref() == Some("TransactionConflict"))
+            {
+                return Err(CreateError::Conflict);
+            }
         }
+        Err(CreateError::Store(StoreError::sdk(
+            "create_order_with_claim",
+            err,
+        )))
     }
 
     pub async fn get(&self, order_id: &str) -> Result<Option<Order>, StoreError> {

@@ -14,7 +14,7 @@ use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
 
 use crate::adapters::dynamo::StoreError;
-use crate::adapters::orders::OrderStore;
+use crate::adapters::orders::{CreateError, OrderStore};
 use crate::adapters::products::ProductStore;
 use crate::adapters::sqs::Publisher;
 use crate::aws::AwsClients;
@@ -246,8 +246,10 @@ impl ApiHandler {
         );
         match self.orders.create_with(&order, claim).await {
             Ok(()) => self.finish(&record_key, &order).await,
-            Err(Err(e)) => Err(e.into()),
-            Err(Ok(reason)) => {
+            Err(CreateError::Store(e)) => Err(e.into()),
+            // A concurrent request with the same key is writing right now.
+            Err(CreateError::Conflict) => Err(in_progress()),
+            Err(CreateError::OtherRecordExists(reason)) => {
                 let existing = idempotency::existing_from_reason(&reason)?;
                 match existing.classify(&hash, now) {
                     Existing::Completed(stored) => replay(&stored),
