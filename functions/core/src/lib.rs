@@ -14,6 +14,7 @@ pub mod faults;
 pub mod handlers;
 pub mod idempotency;
 pub mod messages;
+pub mod metrics;
 pub mod saga;
 pub mod telemetry;
 pub mod time;

@@ -341,6 +341,7 @@ fn in_progress() -> ApiError {
 }
 
 fn accepted(order: &Order) -> Response<Body> {
+    crate::metrics::order_placed();
     json_response(
         StatusCode::ACCEPTED,
         &order.view(),
@@ -352,6 +353,7 @@ fn accepted(order: &Order) -> Response<Body> {
 }
 
 fn replay(stored: &str) -> Result<Response<Body>, ApiError> {
+    crate::metrics::idempotent_replay();
     let stored: Value = serde_json::from_str(stored)
         .map_err(|e| StoreError::Corrupt(format!("stored response is unreadable: {e}")))?;
     let status = stored["statusCode"]

@@ -92,18 +92,22 @@ where
             let failed = match outcome {
                 Ok(Ok(())) => false,
                 Ok(Err(RecordError::Crash(crash))) => {
+                    crate::metrics::record_failed("crash");
                     tracing::warn!(%crash, "record aborted");
                     true
                 }
                 Ok(Err(RecordError::Transient(e))) => {
+                    crate::metrics::record_failed("transient");
                     tracing::warn!(error = %e, receive_count, "transient failure; SQS will retry");
                     true
                 }
                 Ok(Err(RecordError::Permanent(e))) => {
+                    crate::metrics::record_failed("permanent");
                     tracing::error!(error = %e, receive_count, "message cannot be processed; it goes to the DLQ after maxReceiveCount");
                     true
                 }
                 Err(_) => {
+                    crate::metrics::record_failed("panic");
                     tracing::error!(receive_count, "panic while processing record");
                     true
                 }

@@ -54,6 +54,10 @@ impl CoordinatorHandler {
         let mut order = match self.orders.apply(order_id, &update, now).await? {
             Update::Applied(order) => {
                 tracing::info!(order_id, fact = ?update.fact, status = ?order.status, "applied");
+                if let Some(reason) = cancelled_by(&update.fact, &order) {
+                    crate::metrics::order_cancelled(reason);
+                    tracing::info!(order_id, reason = reason.as_str(), "order cancelled");
+                }
                 order
             }
             Update::NotApplicable(order) => {
@@ -69,6 +73,7 @@ impl CoordinatorHandler {
         if follow_ups(&order.saga_state()).confirm {
             match self.orders.confirm(order_id, now).await? {
                 Update::Applied(confirmed) => {
+                    crate::metrics::order_confirmed();
                     tracing::info!(
                         order_id,
                         total_cents = confirmed.total_cents,
@@ -119,6 +124,18 @@ impl CoordinatorHandler {
         }
         Ok(())
     }
+}
+
+/// The reason, if applying `fact` is what cancelled the order.
+fn cancelled_by(fact: &Fact, order: &Order) -> Option<crate::domain::CancelReason> {
+    let reason = match fact {
+        Fact::StockRejected(reason) => *reason,
+        Fact::PaymentDeclined => crate::domain::CancelReason::PaymentDeclined,
+        Fact::TimedOut => crate::domain::CancelReason::Timeout,
+        _ => return None,
+    };
+    (order.status == crate::domain::OrderStatus::Cancelled && order.cancel_reason == Some(reason))
+        .then_some(reason)
 }
 
 fn fact_update(event: &SagaEvent) -> FactUpdate {

@@ -152,6 +152,7 @@ impl<P: PaymentProvider> PaymentHandler<P> {
                         amount_cents: *amount_cents,
                     })
                     .await?;
+                crate::metrics::compensation("refund");
                 tracing::info!(order_id, refund_id = %outcome.refund_id, "refund");
                 SagaEvent::PaymentRefunded {
                     order_id: order_id.clone(),

@@ -144,6 +144,7 @@ impl StockHandler {
             .await?
         {
             ReleaseOutcome::Released => {
+                crate::metrics::compensation("release");
                 tracing::info!(order_id, "stock released");
                 Ok(Some(released))
             }
@@ -187,6 +188,7 @@ pub(crate) fn replay(
 ) -> Result<SagaEvent, RecordError> {
     match record.classify(hash, now) {
         Existing::Completed(result) => {
+            crate::metrics::step_replayed();
             tracing::info!(key = %record.id, "step already done; publishing its result again");
             serde_json::from_str(&result).map_err(|e| {
                 RecordError::Permanent(format!("stored result of {} is unreadable: {e}", record.id))
