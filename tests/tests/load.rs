@@ -8,12 +8,16 @@ use futures::StreamExt;
 use saga_tests::{assert_invariants, TestStack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_keep_every_invariant() {
+async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_keep_every_invariant()
+{
     let t = TestStack::start_with(|o| {
-        o.env_overrides.insert("PAYMENT_FAILURE_RATE".into(), "0.2".into());
+        o.env_overrides
+            .insert("PAYMENT_FAILURE_RATE".into(), "0.2".into());
     })
     .await;
-    let products: Vec<(String, i64)> = (0..5).map(|i| (format!("p-load-{i}"), 20 + i * 10)).collect();
+    let products: Vec<(String, i64)> = (0..5)
+        .map(|i| (format!("p-load-{i}"), 20 + i * 10))
+        .collect();
     for (id, qty) in &products {
         t.put_product(id, 100 + *qty as u64, *qty as u64).await;
     }
@@ -44,15 +48,27 @@ async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_ke
         .await;
     let placed_in = started.elapsed();
     let settled = t.wait_all_settled(&ids, Duration::from_secs(180)).await;
-    let confirmed = settled.iter().filter(|o| o["status"] == "CONFIRMED").count();
-    let declined = settled.iter().filter(|o| o["cancelReason"] == "PAYMENT_DECLINED").count();
-    let short = settled.iter().filter(|o| o["cancelReason"] == "INSUFFICIENT_STOCK").count();
+    let confirmed = settled
+        .iter()
+        .filter(|o| o["status"] == "CONFIRMED")
+        .count();
+    let declined = settled
+        .iter()
+        .filter(|o| o["cancelReason"] == "PAYMENT_DECLINED")
+        .count();
+    let short = settled
+        .iter()
+        .filter(|o| o["cancelReason"] == "INSUFFICIENT_STOCK")
+        .count();
     eprintln!(
         "load: 200 orders placed in {placed_in:?}, all settled in {:?}: {confirmed} confirmed, {declined} declined, {short} short of stock",
         started.elapsed()
     );
     assert_eq!(settled.len(), 200);
-    assert!(confirmed > 0 && declined > 0 && short > 0, "the mix should exercise every path");
+    assert!(
+        confirmed > 0 && declined > 0 && short > 0,
+        "the mix should exercise every path"
+    );
     assert_invariants(&t, &settled, &initial).await;
     t.stop().await;
 }

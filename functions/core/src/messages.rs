@@ -12,11 +12,13 @@ pub enum StockCommand {
     #[serde(rename_all = "camelCase")]
     ReserveStock {
         order_id: String,
+        #[serde(deserialize_with = "crate::domain::objects")]
         items: Vec<StockLine>,
     },
     #[serde(rename_all = "camelCase")]
     ReleaseStock {
         order_id: String,
+        #[serde(deserialize_with = "crate::domain::objects")]
         items: Vec<StockLine>,
     },
 }
@@ -133,8 +135,9 @@ pub fn parse<T: for<'de> Deserialize<'de>>(
     order_id: impl Fn(&T) -> &str,
 ) -> Result<T, ParseError> {
     let body = body.ok_or(ParseError::NoBody)?;
-    let msg: T =
-        serde_json::from_str(body).map_err(|source| ParseError::Invalid { expected, source })?;
+    let msg: T = serde_json::from_str::<crate::domain::ObjectOnly<T>>(body)
+        .map(|o| o.0)
+        .map_err(|source| ParseError::Invalid { expected, source })?;
     crate::domain::validate_id("orderId", order_id(&msg)).map_err(ParseError::BadOrderId)?;
     Ok(msg)
 }

@@ -390,14 +390,6 @@ fn route(req: &Request) -> Result<Route, ApiError> {
     };
     let method = req.method();
     let (allowed, route) = match segments.as_slice() {
-        [.., "orders"] => (
-            "POST",
-            (method == Method::POST).then_some(Ok(Route::PlaceOrder)),
-        ),
-        [.., "orders", id] => (
-            "GET",
-            (method == Method::GET).then(|| param("orderId", id).map(Route::GetOrder)),
-        ),
         [.., "products", id] => (
             "GET, PUT",
             match *method {
@@ -405,6 +397,14 @@ fn route(req: &Request) -> Result<Route, ApiError> {
                 Method::PUT => Some(param("productId", id).map(Route::PutProduct)),
                 _ => None,
             },
+        ),
+        [.., "orders", id] => (
+            "GET",
+            (method == Method::GET).then(|| param("orderId", id).map(Route::GetOrder)),
+        ),
+        [.., "orders"] => (
+            "POST",
+            (method == Method::POST).then_some(Ok(Route::PlaceOrder)),
         ),
         _ => {
             let route_key = match req.request_context_ref() {
@@ -463,16 +463,18 @@ fn json_body(req: &Request) -> Result<&[u8], ApiError> {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
-                "MALFORMED_JSON",
-                format!("request body is not valid JSON: {e}"),
-            ),
-            Category::Data => ApiError::bad_request("INVALID_REQUEST", e.to_string()),
-        }
-    })
+    serde_json::from_slice::<domain::ObjectOnly<T>>(body)
+        .map(|o| o.0)
+        .map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
+                    "MALFORMED_JSON",
+                    format!("request body is not valid JSON: {e}"),
+                ),
+                Category::Data => ApiError::bad_request("INVALID_REQUEST", e.to_string()),
+            }
+        })
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
