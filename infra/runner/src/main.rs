@@ -9,7 +9,8 @@
 //! ```
 //! Environment: PAYMENT_FAILURE_RATE (default 0.1 for `run`), ORDER_TIMEOUT_SECONDS,
 //! SAGA_FAULTS (crash injection, e.g. `after_write=0.05`), SAGA_DUPLICATE_RATE,
-//! SAGA_VISIBILITY_TIMEOUT, SAGA_SWEEP_SECONDS, SAGA_PREFIX, RUST_LOG.
+//! SAGA_VISIBILITY_TIMEOUT (also shortens function timeouts to match), SAGA_FUNCTION_TIMEOUT,
+//! SAGA_SWEEP_SECONDS, SAGA_PREFIX, RUST_LOG.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,10 +135,19 @@ async fn run(args: &[String]) -> Result<(), String> {
     opts.faults = Faults::parse(&env_or("SAGA_FAULTS", String::new())?)?;
     opts.duplicate_rate = env_or("SAGA_DUPLICATE_RATE", 0.0)?;
     if let Ok(v) = std::env::var("SAGA_VISIBILITY_TIMEOUT") {
-        opts.visibility_timeout = Some(
-            v.parse()
-                .map_err(|_| "SAGA_VISIBILITY_TIMEOUT must be whole seconds")?,
-        );
+        let secs: u64 = v
+            .parse()
+            .map_err(|_| "SAGA_VISIBILITY_TIMEOUT must be whole seconds")?;
+        opts.visibility_timeout = Some(secs as i32);
+        // A function must not outlive its message's visibility, or a redelivery would find its
+        // claim still held: unless SAGA_FUNCTION_TIMEOUT says otherwise, shorten it to match.
+        opts.function_timeout = Some(Duration::from_secs(secs.max(1)));
+    }
+    if let Ok(v) = std::env::var("SAGA_FUNCTION_TIMEOUT") {
+        opts.function_timeout =
+            Some(Duration::from_secs(v.parse().map_err(|_| {
+                "SAGA_FUNCTION_TIMEOUT must be whole seconds"
+            })?));
     }
     if let Ok(v) = std::env::var("SAGA_SWEEP_SECONDS") {
         opts.sweep_every = Some(Duration::from_secs(

@@ -278,6 +278,11 @@ impl ApiHandler {
                                 .ok_or(StoreError::Corrupt(format!(
                                     "order {order_id} of an idempotency record is missing"
                                 )))?;
+                        if order.status != domain::OrderStatus::Pending {
+                            // The sweeper already finished this order: answering is all that is left.
+                            tracing::warn!(order_id, status = ?order.status, "abandoned request's order is already final; not starting its saga");
+                            return self.complete_key(&record_key, &order).await;
+                        }
                         tracing::warn!(
                             order_id,
                             "taking over an abandoned request; sending its messages again"
@@ -298,6 +303,15 @@ impl ApiHandler {
             return Err(e);
         }
         self.faults.hit(FaultPoint::AfterPublish)?;
+        self.complete_key(record_key, order).await
+    }
+
+    /// Completes the key with the response that later calls replay, and answers it.
+    async fn complete_key(
+        &self,
+        record_key: &str,
+        order: &Order,
+    ) -> Result<Response<Body>, ApiError> {
         let stored = json!({
             "statusCode": StatusCode::ACCEPTED.as_u16(),
             "orderId": order.order_id,

@@ -1,0 +1,392 @@
+//! Chaos: 300 orders placed concurrently while every fault point crashes at random, the
+//! event source mappings deliver messages twice and the payment provider declines at random.
+//!
+//! A crash of the order API itself answers 500: the client does not know whether its order
+//! exists, so it retries with the same `Idempotency-Key` (and body) until it gets 202; every
+//! retry must finish the same order. Afterwards every order the API ever named exists and is
+//! final, and the saga's invariants hold against the stores. Messages that used up their
+//! receives land in a DLQ; they are redriven, and the sweeper times out whatever is still
+//! pending, before the invariants are checked: a dead-lettered step is a delay, never a
+//! lost or corrupted order.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use saga_core::domain::Order;
+use saga_core::faults::{FaultPoint, Faults};
+use saga_tests::{assert_invariants, settled, TestStack};
+use serde_json::{json, Value};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+const ORDERS: usize = 300;
+const CONCURRENCY: usize = 30;
+/// Per fault point; `CHAOS_CRASH_RATE=0.2` runs a harsher storm (more dead letters to recover).
+fn crash_rate() -> f64 {
+    std::env::var("CHAOS_CRASH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0.07)
+}
+const DUPLICATE_RATE: f64 = 0.2;
+const DECLINE_RATE: &str = "0.2";
+/// The sweeper's cut-off while stragglers are resolved.
+const ORDER_TIMEOUT_SECONDS: &str = "20";
+/// How long the saga gets to settle on its own before DLQs are redriven and the sweeper runs.
+const NATURAL_SETTLE: Duration = Duration::from_secs(45);
+/// Beyond this the test fails: something is stuck for good.
+const HARD_LIMIT: Duration = Duration::from_secs(150);
+
+const DLQS: [(&str, &str); 3] = [
+    ("StockDeadLetterQueue", "StockQueue"),
+    ("PaymentDeadLetterQueue", "PaymentQueue"),
+    ("CoordinatorDeadLetterQueue", "CoordinatorQueue"),
+];
+
+/// What the handlers and the runner reported while the test ran, counted from their logs.
+#[derive(Default, Debug)]
+struct LogCounts {
+    crashes: [AtomicUsize; 3],
+    transient: AtomicUsize,
+    permanent: AtomicUsize,
+    redelivered: AtomicUsize,
+    api_takeovers: AtomicUsize,
+    timed_out_invocations: AtomicUsize,
+}
+
+#[derive(Default)]
+struct EventFields {
+    message: String,
+    fault: String,
+    count: u64,
+}
+
+impl Visit for EventFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "fault" => self.fault = value.to_string(),
+            "message" => self.message = value.to_string(),
+            _ => {}
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "count" {
+            self.count = value;
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+}
+
+struct CountingLayer(Arc<LogCounts>);
+
+impl<S: tracing::Subscriber> Layer<S> for CountingLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let mut f = EventFields::default();
+        event.record(&mut f);
+        let c = &self.0;
+        let m = f.message.as_str();
+        if m == "injected crash" {
+            if let Some(i) = FaultPoint::ALL.iter().position(|p| p.name() == f.fault) {
+                c.crashes[i].fetch_add(1, Ordering::Relaxed);
+            }
+        } else if m.starts_with("transient failure") {
+            c.transient.fetch_add(1, Ordering::Relaxed);
+        } else if m.starts_with("message cannot be processed") {
+            c.permanent.fetch_add(1, Ordering::Relaxed);
+        } else if m.starts_with("delivering messages a second time") {
+            c.redelivered.fetch_add(f.count as usize, Ordering::Relaxed);
+        } else if m.starts_with("taking over an abandoned request") {
+            c.api_takeovers.fetch_add(1, Ordering::Relaxed);
+        } else if m.starts_with("function timed out") {
+            c.timed_out_invocations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn count_logs() -> Arc<LogCounts> {
+    let counts = Arc::new(LogCounts::default());
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_target("saga_core", tracing::Level::INFO)
+        .with_target("local_runner", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(CountingLayer(counts.clone()).with_filter(filter))
+        .try_init()
+        .expect("this test binary installs the only subscriber");
+    counts
+}
+
+/// What placing the orders took.
+#[derive(Default, Debug)]
+struct Placement {
+    attempts: AtomicUsize,
+    crashed: AtomicUsize,
+    unavailable: AtomicUsize,
+    in_progress: AtomicUsize,
+    replayed: AtomicUsize,
+    /// Orders whose first answer was not 202: the client did not know whether they existed.
+    in_doubt: AtomicUsize,
+}
+
+/// Places one order with an Idempotency-Key, retrying the same key and body until 202.
+/// Returns every order id any answer named (there must be exactly one).
+async fn place_until_accepted(t: &TestStack, body: &Value, p: &Placement) -> HashSet<String> {
+    let key = uuid::Uuid::new_v4().to_string();
+    let mut ids = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(200);
+    let mut first = true;
+    loop {
+        p.attempts.fetch_add(1, Ordering::Relaxed);
+        let r = t
+            .request("POST", "/orders", Some(body), &[("idempotency-key", &key)])
+            .await;
+        if let Some(id) = r.body["orderId"].as_str() {
+            ids.insert(id.to_string());
+        }
+        match r.status {
+            202 => {
+                if r.headers.contains_key("idempotent-replayed") {
+                    p.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+                return ids;
+            }
+            500 => {
+                assert_eq!(
+                    r.body["error"]["code"], "INJECTED_CRASH",
+                    "an unexpected 500: {}",
+                    r.raw
+                );
+                p.crashed.fetch_add(1, Ordering::Relaxed)
+            }
+            503 => p.unavailable.fetch_add(1, Ordering::Relaxed),
+            409 => p.in_progress.fetch_add(1, Ordering::Relaxed),
+            other => panic!("placing an order answered {other}: {}", r.raw),
+        };
+        if first {
+            first = false;
+            p.in_doubt.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "key {key} never got a 202; last answer {} {}",
+            r.status,
+            r.raw
+        );
+        // A crashed request holds its key until its deadline (the 2 s function timeout).
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(1000));
+    }
+}
+
+/// Every order in the table, as `GET /orders/{id}` shows it.
+async fn all_orders(t: &TestStack) -> HashMap<String, Value> {
+    t.scan("OrdersTable")
+        .await
+        .into_iter()
+        .map(|item| {
+            let order: Order = saga_core::adapters::dynamo::from_item(item).expect("an order");
+            (order.order_id.clone(), order.view())
+        })
+        .collect()
+}
+
+async fn redrive_all(t: &TestStack) -> usize {
+    let mut moved = 0;
+    for (dlq, source) in DLQS {
+        moved += local_runner::redrive::redrive(
+            &t.stack.clients.sqs,
+            t.stack.queue_url(dlq),
+            t.stack.queue_url(source),
+            None,
+        )
+        .await
+        .expect("redrive");
+    }
+    moved
+}
+
+async fn queues_idle(t: &TestStack) -> bool {
+    for (dlq, source) in DLQS {
+        if t.queue_depth(source).await + t.queue_depth(dlq).await > 0 {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose_none_and_keep_every_invariant(
+) {
+    let logs = count_logs();
+    let rate = crash_rate();
+    let t = TestStack::start_with(|o| {
+        o.faults = Faults::none()
+            .with(FaultPoint::AfterWrite, rate)
+            .with(FaultPoint::AfterPublish, rate)
+            .with(FaultPoint::InPayment, rate);
+        o.duplicate_rate = DUPLICATE_RATE;
+        o.env_overrides
+            .insert("PAYMENT_FAILURE_RATE".into(), DECLINE_RATE.into());
+        o.env_overrides
+            .insert("ORDER_TIMEOUT_SECONDS".into(), ORDER_TIMEOUT_SECONDS.into());
+    })
+    .await;
+    let products: Vec<(String, i64)> = (0..5)
+        .map(|i| (format!("p-chaos-{i}"), 40 + i * 15))
+        .collect();
+    for (id, qty) in &products {
+        t.put_product(id, 250 + *qty as u64, *qty as u64).await;
+    }
+    let initial: HashMap<String, i64> = products.iter().cloned().collect();
+
+    let bodies: Vec<Value> = (0..ORDERS)
+        .map(|_| {
+            let mut picked: Vec<usize> = (0..products.len()).collect();
+            fastrand::shuffle(&mut picked);
+            let lines = fastrand::usize(1..=2);
+            json!({
+                "customerId": format!("c-{}", fastrand::u32(1..50)),
+                "items": picked[..lines]
+                    .iter()
+                    .map(|&p| json!({"productId": products[p].0, "quantity": fastrand::u64(1..=3)}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let placement = Placement::default();
+    let answers: Vec<HashSet<String>> = futures::stream::iter(bodies.iter())
+        .map(|body| place_until_accepted(&t, body, &placement))
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let placed_in = started.elapsed();
+
+    // One order per key, whatever the retries went through.
+    for ids in &answers {
+        assert_eq!(ids.len(), 1, "one key named several orders: {ids:?}");
+    }
+    let ids: Vec<String> = answers
+        .iter()
+        .flat_map(|s| s.iter().cloned())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        ORDERS,
+        "two keys named the same order"
+    );
+
+    // Let the saga settle; then redrive dead letters and sweep stragglers until it has.
+    let settle_started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut redriven = 0;
+    let mut swept = 0;
+    let mut recovery_rounds = 0;
+    let mut last_recovery = Instant::now();
+    loop {
+        let orders = all_orders(&t).await;
+        let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
+        assert!(missing.is_empty(), "orders lost: {missing:?}");
+        let unsettled: Vec<&Value> = ids
+            .iter()
+            .map(|id| &orders[id])
+            .filter(|o| !settled(o))
+            .collect();
+        if unsettled.is_empty() {
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "chaos: {} of {ORDERS} orders not settled after {:?}",
+                unsettled.len(),
+                settle_started.elapsed()
+            );
+        }
+        assert!(
+            settle_started.elapsed() < HARD_LIMIT,
+            "{} orders never settled, e.g. {}",
+            unsettled.len(),
+            unsettled[0]
+        );
+        if settle_started.elapsed() > NATURAL_SETTLE
+            && last_recovery.elapsed() > Duration::from_secs(4)
+        {
+            recovery_rounds += 1;
+            last_recovery = Instant::now();
+            redriven += redrive_all(&t).await;
+            swept += t.stack.sweep_now().await.expect("sweep")["timedOut"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let settled_in = started.elapsed();
+
+    // Every order is final; now let every message still around (duplicates, retries, late
+    // dead letters) be processed, so that the invariants are checked after all effects.
+    let quiet_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        redriven += redrive_all(&t).await;
+        if queues_idle(&t).await {
+            break;
+        }
+        assert!(
+            Instant::now() < quiet_deadline,
+            "the queues never went quiet"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let table = all_orders(&t).await;
+    assert_eq!(
+        table.len(),
+        ORDERS,
+        "the table holds orders no answer named (a retry created a second order?)"
+    );
+    let orders = t.wait_all_settled(&ids, Duration::from_secs(10)).await;
+    let confirmed = orders.iter().filter(|o| o["status"] == "CONFIRMED").count();
+    let reason = |r: &str| orders.iter().filter(|o| o["cancelReason"] == r).count();
+    let refunded = orders
+        .iter()
+        .filter(|o| o["paymentStatus"] == "REFUNDED")
+        .count();
+    eprintln!(
+        "chaos (crash rate {rate}): {ORDERS} orders placed in {placed_in:?}, settled after {settled_in:?}: \
+         {confirmed} confirmed, {} declined, {} short of stock, {} timed out, {refunded} refunded; \
+         placement: {placement:?}; crashes injected (after_write, after_publish, in_payment): \
+         {:?}; logs: {logs:?}; dead letters redriven: {redriven}; swept: {swept} in \
+         {recovery_rounds} recovery rounds",
+        reason("PAYMENT_DECLINED"),
+        reason("INSUFFICIENT_STOCK"),
+        reason("TIMEOUT"),
+        logs.crashes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect::<Vec<_>>(),
+    );
+    assert!(confirmed > 0, "nothing confirmed");
+    assert!(
+        reason("PAYMENT_DECLINED") > 0 && reason("INSUFFICIENT_STOCK") > 0,
+        "the mix should exercise declines and shortages"
+    );
+    assert!(
+        logs.crashes.iter().all(|c| c.load(Ordering::Relaxed) > 0),
+        "every fault point should have fired"
+    );
+    assert_invariants(&t, &orders, &initial).await;
+    t.stop().await;
+}

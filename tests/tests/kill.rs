@@ -1,0 +1,493 @@
+//! Kill: the `saga-local` runner is SIGKILLed while ~100 orders are being placed and processed,
+//! then started again on the same prefix and port. Nothing is shut down cleanly: requests die
+//! mid-flight, messages are left in flight, idempotency claims are left IN_PROGRESS. Clients
+//! whose POST died retry with the same Idempotency-Key; the restarted runner finishes every
+//! order, and the saga's invariants hold against the stores.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use saga_core::domain::Order;
+use saga_tests::{assert_invariants, repo_root, settled, TestStack};
+use serde_json::{json, Value};
+
+const ORDERS: usize = 100;
+const CONCURRENCY: usize = 20;
+/// Accepted orders after which the runner is killed.
+const KILL_AFTER: usize = 35;
+const NATURAL_SETTLE: Duration = Duration::from_secs(40);
+const HARD_LIMIT: Duration = Duration::from_secs(150);
+const DLQS: [(&str, &str); 3] = [
+    ("StockDeadLetterQueue", "StockQueue"),
+    ("PaymentDeadLetterQueue", "PaymentQueue"),
+    ("CoordinatorDeadLetterQueue", "CoordinatorQueue"),
+];
+
+/// The newest modification time of the files under `dir` (recursively).
+fn newest(dir: &Path) -> SystemTime {
+    let mut latest = SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        latest = latest.max(t);
+    }
+    latest
+}
+
+/// `target/debug/saga-local`, built first if it is missing or older than its sources.
+fn saga_local() -> PathBuf {
+    let root = repo_root();
+    let bin = root.join("target/debug/saga-local");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let sources = ["infra/runner/src", "functions/core/src"]
+        .iter()
+        .map(|d| newest(&root.join(d)))
+        .chain(
+            [
+                root.join("Cargo.lock"),
+                root.join("infra/runner/Cargo.toml"),
+            ]
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
+        )
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if built.is_none_or(|b| b < sources) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "local-runner", "--bin", "saga-local"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        // A binary that is merely older than the sources still runs; a missing one does not.
+        assert!(
+            status.success() || built.is_some(),
+            "cargo build -p local-runner --bin saga-local failed"
+        );
+        if !status.success() {
+            eprintln!("warning: rebuilding saga-local failed; using the existing (older) binary");
+        }
+    }
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
+}
+
+/// The runner as a child process; killed (SIGKILL) when dropped, whatever happened.
+struct Runner {
+    child: Child,
+}
+
+impl Runner {
+    fn start(bin: &Path, prefix: &str, port: u16, log: &Path) -> Runner {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("runner log");
+        let child = Command::new(bin)
+            .args(["run", "--port", &port.to_string(), "--no-seed"])
+            .current_dir(repo_root())
+            .env("SAGA_PREFIX", prefix)
+            .env("SAGA_VISIBILITY_TIMEOUT", "2")
+            .env("PAYMENT_FAILURE_RATE", "0.2")
+            .env("RUST_LOG", "info")
+            .env_remove("SAGA_FAULTS")
+            .env_remove("SAGA_DUPLICATE_RATE")
+            .env_remove("SAGA_SWEEP_SECONDS")
+            .env_remove("ORDER_TIMEOUT_SECONDS")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("start saga-local");
+        Runner { child }
+    }
+
+    /// SIGKILL: no clean-up of any kind.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A plain HTTP client that reports a dead server as an error rather than panicking.
+#[derive(Clone)]
+struct Http {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Http {
+    fn new(port: u16) -> Self {
+        Self {
+            base: format!("http://127.0.0.1:{port}"),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> Result<(u16, Value), String> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+            .header("content-type", "application/json");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = req.body(Full::new(Bytes::from(bytes))).expect("request");
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            ))
+        };
+        tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+
+    async fn wait_ready(&self, runner: &mut Runner) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((404, _)) = self.call("GET", "/products/not-there", None, None).await {
+                return;
+            }
+            if let Ok(Some(status)) = runner.child.try_wait() {
+                panic!("saga-local exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "saga-local never answered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct Placement {
+    accepted: AtomicUsize,
+    attempts: AtomicUsize,
+    connection_errors: AtomicUsize,
+    in_progress: AtomicUsize,
+    server_errors: AtomicUsize,
+    /// Orders whose first POST got no 202: the client did not know whether they existed.
+    in_doubt: AtomicUsize,
+}
+
+/// POSTs one order with an Idempotency-Key until it is accepted (through the kill and the
+/// restart). Returns every order id an answer named.
+async fn place_until_accepted(http: Http, body: Value, p: Arc<Placement>) -> HashSet<String> {
+    let key = uuid::Uuid::new_v4().to_string();
+    let mut ids = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut first = true;
+    loop {
+        p.attempts.fetch_add(1, Ordering::Relaxed);
+        match http.call("POST", "/orders", Some(&body), Some(&key)).await {
+            Ok((status, answer)) => {
+                if let Some(id) = answer["orderId"].as_str() {
+                    ids.insert(id.to_string());
+                }
+                match status {
+                    202 => {
+                        p.accepted.fetch_add(1, Ordering::Relaxed);
+                        return ids;
+                    }
+                    409 => p.in_progress.fetch_add(1, Ordering::Relaxed),
+                    500 | 502 | 503 => p.server_errors.fetch_add(1, Ordering::Relaxed),
+                    other => panic!("placing an order answered {other}: {answer}"),
+                };
+            }
+            Err(_) => {
+                p.connection_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if first {
+            first = false;
+            p.in_doubt.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(Instant::now() < deadline, "key {key} never got a 202");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn all_orders(t: &TestStack) -> HashMap<String, Value> {
+    t.scan("OrdersTable")
+        .await
+        .into_iter()
+        .map(|item| {
+            let order: Order = saga_core::adapters::dynamo::from_item(item).expect("an order");
+            (order.order_id.clone(), order.view())
+        })
+        .collect()
+}
+
+async fn redrive_all(t: &TestStack) -> usize {
+    let mut moved = 0;
+    for (dlq, source) in DLQS {
+        moved += local_runner::redrive::redrive(
+            &t.stack.clients.sqs,
+            t.stack.queue_url(dlq),
+            t.stack.queue_url(source),
+            None,
+        )
+        .await
+        .expect("redrive");
+    }
+    moved
+}
+
+async fn queues_idle(t: &TestStack) -> bool {
+    for (dlq, source) in DLQS {
+        if t.queue_depth(source).await + t.queue_depth(dlq).await > 0 {
+            return false;
+        }
+    }
+    true
+}
+
+fn count_lines(log: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_order_and_keep_every_invariant(
+) {
+    saga_tests::services().await;
+    let bin = saga_local();
+    let prefix = format!("k{}-", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    // A reader on the same prefix: consumers paused, so only the child processes messages. It
+    // provisions the tables and queues first (provisioning is idempotent); its sweeper runs
+    // only when called, with a short cut-off for stragglers.
+    let reader = TestStack::start_with(|o| {
+        o.prefix = prefix.clone();
+        o.paused = vec![
+            "StockFunction".into(),
+            "PaymentFunction".into(),
+            "CoordinatorFunction".into(),
+        ];
+        o.env_overrides
+            .insert("ORDER_TIMEOUT_SECONDS".into(), "20".into());
+    })
+    .await;
+
+    let port = free_port();
+    let logs = [1, 2].map(|n| std::env::temp_dir().join(format!("saga-kill-{prefix}{n}.log")));
+    let mut runner = Runner::start(&bin, &prefix, port, &logs[0]);
+    let http = Http::new(port);
+    http.wait_ready(&mut runner).await;
+
+    let products: Vec<(String, i64)> = (0..4)
+        .map(|i| (format!("p-kill-{i}"), 20 + i * 10))
+        .collect();
+    for (id, qty) in &products {
+        let (status, body) = http
+            .call(
+                "PUT",
+                &format!("/products/{id}"),
+                Some(&json!({"name": id, "priceCents": 300, "quantity": qty})),
+                None,
+            )
+            .await
+            .expect("put product");
+        assert_eq!(status, 200, "{body}");
+    }
+    let initial: HashMap<String, i64> = products.iter().cloned().collect();
+
+    let placement = Arc::new(Placement::default());
+    let started = Instant::now();
+    let bodies: Vec<Value> = (0..ORDERS)
+        .map(|_| {
+            let mut picked: Vec<usize> = (0..products.len()).collect();
+            fastrand::shuffle(&mut picked);
+            json!({
+                "customerId": "c-kill",
+                "items": picked[..fastrand::usize(1..=2)]
+                    .iter()
+                    .map(|&p| json!({"productId": products[p].0, "quantity": fastrand::u64(1..=3)}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let placing = {
+        let (http, p) = (http.clone(), placement.clone());
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            futures::stream::iter(bodies)
+                .map(|body| place_until_accepted(http.clone(), body, p.clone()))
+                .buffer_unordered(CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+        })
+    };
+
+    // Kill it in the middle: requests in flight, messages being processed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while placement.accepted.load(Ordering::Relaxed) < KILL_AFTER {
+        assert!(Instant::now() < deadline, "orders are not being accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and once the coordinator is at work too, so that every consumer has work in flight.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count_lines(&logs[0], "order confirmed") < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    runner.kill();
+    let accepted_at_kill = placement.accepted.load(Ordering::Relaxed);
+    let killed_at = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut runner = Runner::start(&bin, &prefix, port, &logs[1]);
+    http.wait_ready(&mut runner).await;
+
+    let answers = placing.await.expect("placing orders");
+    let placed_in = started.elapsed();
+    for ids in &answers {
+        assert_eq!(ids.len(), 1, "one key named several orders: {ids:?}");
+    }
+    let ids: Vec<String> = answers.iter().flat_map(|s| s.iter().cloned()).collect();
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ORDERS);
+
+    // Settle; redrive dead letters and sweep stragglers if the saga does not settle alone.
+    let settle_started = Instant::now();
+    let mut last_report = Instant::now();
+    let (mut redriven, mut swept, mut last_recovery) = (0, 0, Instant::now());
+    loop {
+        let orders = all_orders(&reader).await;
+        let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
+        assert!(missing.is_empty(), "orders lost: {missing:?}");
+        let unsettled: Vec<&Value> = ids
+            .iter()
+            .map(|id| &orders[id])
+            .filter(|o| !settled(o))
+            .collect();
+        if unsettled.is_empty() {
+            break;
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "kill: {} of {ORDERS} orders not settled after {:?}",
+                unsettled.len(),
+                settle_started.elapsed()
+            );
+        }
+        assert!(
+            settle_started.elapsed() < HARD_LIMIT,
+            "{} orders never settled, e.g. {}",
+            unsettled.len(),
+            unsettled[0]
+        );
+        if settle_started.elapsed() > NATURAL_SETTLE
+            && last_recovery.elapsed() > Duration::from_secs(4)
+        {
+            last_recovery = Instant::now();
+            redriven += redrive_all(&reader).await;
+            swept += reader.stack.sweep_now().await.expect("sweep")["timedOut"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let settled_in = started.elapsed();
+    // Then let every message still around be processed before checking.
+    let quiet = Instant::now() + Duration::from_secs(60);
+    loop {
+        redriven += redrive_all(&reader).await;
+        if queues_idle(&reader).await {
+            break;
+        }
+        assert!(Instant::now() < quiet, "the queues never went quiet");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    assert_eq!(
+        all_orders(&reader).await.len(),
+        ORDERS,
+        "the table holds orders no answer named"
+    );
+    let orders = reader.wait_all_settled(&ids, Duration::from_secs(10)).await;
+    let confirmed = orders.iter().filter(|o| o["status"] == "CONFIRMED").count();
+    let reason = |r: &str| orders.iter().filter(|o| o["cancelReason"] == r).count();
+    let count = |needle: &str| logs.iter().map(|l| count_lines(l, needle)).sum::<usize>();
+    eprintln!(
+        "kill: killed at {killed_at:?} with {accepted_at_kill} of {ORDERS} accepted; all placed \
+         after {placed_in:?}, settled after {settled_in:?}: {confirmed} confirmed, {} declined, \
+         {} short of stock, {} timed out; placement: {placement:?}; runner logs: {} API takeovers, \
+         {} steps replayed, {} transient record failures, {} permanent record failures, \
+         {} invocations timed out; dead letters redriven: {redriven}; swept: {swept}; logs: {}",
+        reason("PAYMENT_DECLINED"),
+        reason("INSUFFICIENT_STOCK"),
+        reason("TIMEOUT"),
+        count("taking over an abandoned request"),
+        count("step already done"),
+        count("transient failure"),
+        count("message cannot be processed"),
+        count("function timed out"),
+        logs.iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let before_kill = |needle: &str| count_lines(&logs[0], needle);
+    eprintln!(
+        "kill: the first runner had logged {} orders placed, {} reservations, {} charges, \
+         {} confirmations when it was killed",
+        before_kill("order placed"),
+        before_kill("stock reserved"),
+        before_kill("\"charge\""),
+        before_kill("order confirmed"),
+    );
+    assert!(confirmed > 0, "nothing confirmed");
+    assert_invariants(&reader, &orders, &initial).await;
+
+    runner.kill();
+    reader.stop().await;
+    // The logs are left in the temp dir for a look at what the kill interrupted.
+}
