@@ -3,17 +3,61 @@
 //! (`AWS_ENDPOINT_URL_DYNAMODB`, `AWS_ENDPOINT_URL_SQS`, `AWS_REGION`, ...), so the same
 //! binary talks to AWS in Lambda and to DynamoDB Local and moto on a laptop.
 
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+
+use crate::config::{ConfigError, Lookup};
+
 #[derive(Clone, Debug)]
 pub struct AwsClients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub sqs: aws_sdk_sqs::Client,
 }
 
+/// The HTTP client every SDK client uses: the SDK's hyper client with rustls on ring (HTTPS to
+/// AWS; plain HTTP to local endpoints).
+pub fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
 impl AwsClients {
-    /// Loads the shared SDK configuration from the environment and builds both clients.
-    pub async fn from_env() -> Self {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Self::from_config(&config)
+    /// Builds both clients from the environment Lambda gives a function: credentials from
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, the region from
+    /// `AWS_REGION`, and optional endpoint overrides (`AWS_ENDPOINT_URL_DYNAMODB`,
+    /// `AWS_ENDPOINT_URL_SQS`, `AWS_ENDPOINT_URL`) for running the binaries against local
+    /// stand-ins. Not aws-config's whole default chain (profiles, SSO, IMDS, STS web identity):
+    /// a Lambda function never needs it, and leaving it out keeps the binary small.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&crate::config::process_env)
+    }
+
+    pub fn from_lookup(env: &impl Lookup) -> Result<Self, ConfigError> {
+        let get = |k: &str| env.get(k).filter(|v| !v.trim().is_empty());
+        let region = get("AWS_REGION")
+            .or_else(|| get("AWS_DEFAULT_REGION"))
+            .ok_or(ConfigError::Missing("AWS_REGION"))?;
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region))
+            .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+                aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+            ))
+            .http_client(http_client())
+            .build();
+        let fallback = get("AWS_ENDPOINT_URL");
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&config);
+        if let Some(url) = get("AWS_ENDPOINT_URL_DYNAMODB").or_else(|| fallback.clone()) {
+            dynamodb = dynamodb.endpoint_url(url);
+        }
+        let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
+        if let Some(url) = get("AWS_ENDPOINT_URL_SQS").or(fallback) {
+            sqs = sqs.endpoint_url(url);
+        }
+        Ok(Self {
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+        })
     }
 
     pub fn from_config(config: &aws_config::SdkConfig) -> Self {
@@ -21,5 +65,28 @@ impl AwsClients {
             dynamodb: aws_sdk_dynamodb::Client::new(config),
             sqs: aws_sdk_sqs::Client::new(config),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn when_the_region_is_missing_should_fail_naming_it() {
+        let err = AwsClients::from_lookup(&|_: &str| None).unwrap_err();
+        assert_eq!(err, ConfigError::Missing("AWS_REGION"));
+    }
+
+    #[test]
+    fn when_endpoints_are_overridden_should_use_them() {
+        let env = |k: &str| match k {
+            "AWS_REGION" => Some("eu-west-1".to_string()),
+            "AWS_ENDPOINT_URL_SQS" => Some("http://127.0.0.1:9324".to_string()),
+            "AWS_ENDPOINT_URL" => Some("http://127.0.0.1:8000".to_string()),
+            _ => None,
+        };
+        let clients = AwsClients::from_lookup(&env).unwrap();
+        assert_eq!(clients.sqs.config().region().unwrap().as_ref(), "eu-west-1");
     }
 }

@@ -264,7 +264,10 @@ async fn redrive(args: &[String]) -> Result<(), String> {
         .transpose()?;
     if let Some(dlq_url) = flag(args, "--dlq-url") {
         // Against real AWS (or any endpoint): credentials and region from the environment.
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(saga_core::aws::http_client())
+            .load()
+            .await;
         let sqs = aws_sdk_sqs::Client::new(&config);
         if args.iter().any(|a| a == "--move-task") {
             let arn = flag(args, "--dlq-arn").ok_or("--move-task needs --dlq-arn")?;

@@ -118,6 +118,7 @@ pub async fn local_clients_counted(
     counter: Option<crate::counting::CallCounter>,
 ) -> AwsClients {
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(saga_core::aws::http_client())
         .region(aws_config::Region::new(region.to_string()))
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
             "local",
