@@ -20,12 +20,12 @@ cargo lambda build --release --arm64 $(printf -- '--bin %s ' "${FUNCTIONS[@]}") 
 for f in "${FUNCTIONS[@]}"; do
   size=$(stat -c %s "target/lambda/$f/bootstrap")
   verdict=ok; [ "$size" -le "$SIZE_BUDGET" ] || { verdict=OVER; status=1; }
-  printf '  %-12s %8d bytes  %5.2f MiB  %s\n' "$f" "$size" "$(echo "$size / 1048576" | bc -l)" "$verdict"
+  printf '  %-12s %8d bytes  %5.2f MiB  %s\n' "$f" "$size" "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')" "$verdict"
 done
 echo "== for reference: the same binaries built for this machine ($(uname -m)), which the cold-start run uses"
 for f in "${FUNCTIONS[@]}"; do
   size=$(stat -c %s "target/release/$f")
-  printf '  %-12s %8d bytes  %5.2f MiB\n' "$f" "$size" "$(echo "$size / 1048576" | bc -l)"
+  printf '  %-12s %8d bytes  %5.2f MiB\n' "$f" "$size" "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')"
 done
 
 echo
