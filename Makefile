@@ -29,8 +29,9 @@ setup: ## Install Java 17+, moto (.venv) and DynamoDB Local (infra/node_modules)
 setup-tools: ## setup, plus cargo-lambda, zig, cfn-lint, sam and the arm64 Rust target
 	$(SETUP) all
 
-build: ## cargo build --release of the workspace's binaries
-	$(CARGO) build --release --workspace --bins
+build: setup-tools ## sam build (an arm64 bootstrap per function in .aws-sam/build), and the host release binaries
+	sam build
+	$(CARGO) build --release -p order-api -p stock -p payment -p coordinator -p sweeper
 
 run: setup ## Run the whole saga on 127.0.0.1:3000 (starts or reuses the local services)
 	$(CARGO) run -p local-runner --bin saga-local -- run $(ARGS)
