@@ -5,8 +5,10 @@
 //! other's tables and queues; the stack uses the handlers the Lambda binaries use.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
+use std::time::SystemTime;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use http_body_util::{BodyExt, Full};
@@ -463,4 +465,120 @@ pub async fn assert_invariants(t: &TestStack, orders: &[Value], initial: &HashMa
             }
         }
     }
+}
+
+/// The dead-letter queues and their source queues (logical ids).
+pub const DLQS: [(&str, &str); 3] = [
+    ("StockDeadLetterQueue", "StockQueue"),
+    ("PaymentDeadLetterQueue", "PaymentQueue"),
+    ("CoordinatorDeadLetterQueue", "CoordinatorQueue"),
+];
+
+impl TestStack {
+    /// A stack whose queue consumers are all held back: whatever arrives stays in the queues.
+    pub async fn start_paused() -> Self {
+        Self::start_with(|o| {
+            o.paused = vec![
+                "StockFunction".into(),
+                "PaymentFunction".into(),
+                "CoordinatorFunction".into(),
+            ];
+        })
+        .await
+    }
+
+    /// Every order in the table, as `GET /orders/{id}` shows it.
+    pub async fn all_orders(&self) -> HashMap<String, Value> {
+        self.scan("OrdersTable")
+            .await
+            .into_iter()
+            .map(|item| {
+                let order: saga_core::domain::Order =
+                    saga_core::adapters::dynamo::from_item(item).expect("an order");
+                (order.order_id.clone(), order.view())
+            })
+            .collect()
+    }
+
+    /// Moves every message of every DLQ back to its source queue; returns how many.
+    pub async fn redrive_all(&self) -> usize {
+        let mut moved = 0;
+        for (dlq, source) in DLQS {
+            moved += local_runner::redrive::redrive(
+                &self.stack.clients.sqs,
+                self.stack.queue_url(dlq),
+                self.stack.queue_url(source),
+                None,
+            )
+            .await
+            .expect("redrive");
+        }
+        moved
+    }
+
+    /// Whether every work queue and DLQ is empty (nothing visible or in flight).
+    pub async fn queues_idle(&self) -> bool {
+        for (dlq, source) in DLQS {
+            if self.queue_depth(source).await + self.queue_depth(dlq).await > 0 {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The newest modification time of the files under `dir` (recursively).
+fn newest(dir: &Path) -> SystemTime {
+    let mut latest = SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        latest = latest.max(t);
+    }
+    latest
+}
+
+/// `target/debug/saga-local`, built first if it is missing or older than its sources.
+pub fn saga_local_binary() -> PathBuf {
+    let root = repo_root();
+    let bin = root.join("target/debug/saga-local");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let sources = ["infra/runner/src", "functions/core/src"]
+        .iter()
+        .map(|d| newest(&root.join(d)))
+        .chain(
+            [
+                root.join("Cargo.lock"),
+                root.join("infra/runner/Cargo.toml"),
+            ]
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
+        )
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if built.is_none_or(|b| b < sources) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "local-runner", "--bin", "saga-local"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build");
+        // A binary that is merely older than the sources still runs; a missing one does not.
+        assert!(
+            status.success() || built.is_some(),
+            "cargo build -p local-runner --bin saga-local failed"
+        );
+        if !status.success() {
+            eprintln!("warning: rebuilding saga-local failed; using the existing (older) binary");
+        }
+    }
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    bin
 }

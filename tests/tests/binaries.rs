@@ -388,18 +388,6 @@ async fn wait_for_port(port: u16, log: &Path) {
     }
 }
 
-/// A stack whose own consumers are held back: the binary under test is the only one.
-async fn paused_stack() -> TestStack {
-    TestStack::start_with(|o| {
-        o.paused = vec![
-            "StockFunction".into(),
-            "PaymentFunction".into(),
-            "CoordinatorFunction".into(),
-        ];
-    })
-    .await
-}
-
 /// Every message now in a queue, parsed (and removed).
 async fn messages(t: &TestStack, queue: &str) -> Vec<Value> {
     let mut out: Vec<Value> = t
@@ -559,7 +547,7 @@ fn every_event_file_is_shaped_as_aws_delivers_it_and_is_tested() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_order_api_binary_gets_its_events_should_answer_each_as_the_api_does() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let mut f = Function::start(&t, "OrderApiFunction").await;
 
     let (status, _, body) = f.http("api-put-product.json").await;
@@ -644,7 +632,7 @@ async fn when_the_order_api_binary_gets_its_events_should_answer_each_as_the_api
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_stock_binary_gets_its_batches_should_reserve_once_and_fail_only_the_malformed_record(
 ) {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     t.put_product("p-event-1", 1250, 100).await;
     t.put_product("p-event-scarce", 900, 1).await;
     let mut f = Function::start(&t, "StockFunction").await;
@@ -707,7 +695,7 @@ async fn when_the_stock_binary_gets_its_batches_should_reserve_once_and_fail_onl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_payment_binary_gets_its_batches_should_charge_once_and_fail_only_the_malformed_record(
 ) {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let mut f = Function::start(&t, "PaymentFunction").await;
 
     assert_eq!(
@@ -781,7 +769,7 @@ async fn when_the_payment_binary_gets_its_batches_should_charge_once_and_fail_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_coordinator_binary_gets_its_batches_should_move_each_order_on_and_fail_only_the_malformed_record(
 ) {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let created = now_ms();
     seed_order(
         &t,
@@ -894,7 +882,7 @@ async fn when_the_coordinator_binary_gets_its_batches_should_move_each_order_on_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_sweeper_binary_gets_its_schedule_should_hand_over_exactly_the_stale_pending_orders(
 ) {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let now = now_ms();
     let hour_ago = now - 3_600_000;
     seed_order(

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use saga_core::domain::Order;
 use saga_core::faults::{FaultPoint, Faults};
 use saga_tests::{assert_invariants, settled, TestStack};
 use serde_json::{json, Value};
@@ -42,12 +41,6 @@ const ORDER_TIMEOUT_SECONDS: &str = "20";
 const NATURAL_SETTLE: Duration = Duration::from_secs(45);
 /// Beyond this the test fails: something is stuck for good.
 const HARD_LIMIT: Duration = Duration::from_secs(150);
-
-const DLQS: [(&str, &str); 3] = [
-    ("StockDeadLetterQueue", "StockQueue"),
-    ("PaymentDeadLetterQueue", "PaymentQueue"),
-    ("CoordinatorDeadLetterQueue", "CoordinatorQueue"),
-];
 
 /// What the handlers and the runner reported while the test ran, counted from their logs.
 #[derive(Default, Debug)]
@@ -190,42 +183,6 @@ async fn place_until_accepted(t: &TestStack, body: &Value, p: &Placement) -> Has
     }
 }
 
-/// Every order in the table, as `GET /orders/{id}` shows it.
-async fn all_orders(t: &TestStack) -> HashMap<String, Value> {
-    t.scan("OrdersTable")
-        .await
-        .into_iter()
-        .map(|item| {
-            let order: Order = saga_core::adapters::dynamo::from_item(item).expect("an order");
-            (order.order_id.clone(), order.view())
-        })
-        .collect()
-}
-
-async fn redrive_all(t: &TestStack) -> usize {
-    let mut moved = 0;
-    for (dlq, source) in DLQS {
-        moved += local_runner::redrive::redrive(
-            &t.stack.clients.sqs,
-            t.stack.queue_url(dlq),
-            t.stack.queue_url(source),
-            None,
-        )
-        .await
-        .expect("redrive");
-    }
-    moved
-}
-
-async fn queues_idle(t: &TestStack) -> bool {
-    for (dlq, source) in DLQS {
-        if t.queue_depth(source).await + t.queue_depth(dlq).await > 0 {
-            return false;
-        }
-    }
-    true
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose_none_and_keep_every_invariant(
 ) {
@@ -297,7 +254,7 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
     let mut recovery_rounds = 0;
     let mut last_recovery = Instant::now();
     loop {
-        let orders = all_orders(&t).await;
+        let orders = t.all_orders().await;
         let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
         assert!(missing.is_empty(), "orders lost: {missing:?}");
         let unsettled: Vec<&Value> = ids
@@ -327,7 +284,7 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
         {
             recovery_rounds += 1;
             last_recovery = Instant::now();
-            redriven += redrive_all(&t).await;
+            redriven += t.redrive_all().await;
             swept += t.stack.sweep_now().await.expect("sweep")["timedOut"]
                 .as_u64()
                 .unwrap_or(0);
@@ -340,8 +297,8 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
     // dead letters) be processed, so that the invariants are checked after all effects.
     let quiet_deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        redriven += redrive_all(&t).await;
-        if queues_idle(&t).await {
+        redriven += t.redrive_all().await;
+        if t.queues_idle().await {
             break;
         }
         assert!(
@@ -351,7 +308,7 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    let table = all_orders(&t).await;
+    let table = t.all_orders().await;
     assert_eq!(
         table.len(),
         ORDERS,

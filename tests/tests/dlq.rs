@@ -4,9 +4,9 @@
 //! no second effect and a good message completes its order.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use saga_core::messages::{PaymentCommand, StockCommand};
 use saga_tests::{assert_invariants, repo_root, TestStack};
@@ -14,65 +14,10 @@ use serde_json::{json, Value};
 
 const SETTLE: Duration = Duration::from_secs(60);
 
-fn newest(dir: &Path) -> SystemTime {
-    let mut latest = SystemTime::UNIX_EPOCH;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            newest(&path)
-        } else {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        };
-        latest = latest.max(t);
-    }
-    latest
-}
-
-/// `target/debug/saga-local`, built first if it is missing or older than its sources.
-fn saga_local() -> PathBuf {
-    let root = repo_root();
-    let bin = root.join("target/debug/saga-local");
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let sources = ["infra/runner/src", "functions/core/src"]
-        .iter()
-        .map(|d| newest(&root.join(d)))
-        .chain(
-            [
-                root.join("Cargo.lock"),
-                root.join("infra/runner/Cargo.toml"),
-            ]
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
-        )
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    if built.is_none_or(|b| b < sources) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "local-runner", "--bin", "saga-local"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build");
-        // A binary that is merely older than the sources still runs; a missing one does not.
-        assert!(
-            status.success() || built.is_some(),
-            "cargo build -p local-runner --bin saga-local failed"
-        );
-        if !status.success() {
-            eprintln!("warning: rebuilding saga-local failed; using the existing (older) binary");
-        }
-    }
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
-}
-
 /// `saga-local redrive --queue NAME` for this test's prefix; returns its stdout.
 async fn redrive_cli(t: &TestStack, queue: &str) -> String {
     let (_, sqs) = saga_tests::services().await;
-    let bin = saga_local();
+    let bin = saga_tests::saga_local_binary();
     let prefix = t.prefix.clone();
     let queue = queue.to_string();
     let out = tokio::task::spawn_blocking(move || {

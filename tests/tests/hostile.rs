@@ -29,18 +29,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Every consumer held back, so the queues show whatever the API sent.
-async fn paused_stack() -> TestStack {
-    TestStack::start_with(|o| {
-        o.paused = vec![
-            "StockFunction".into(),
-            "PaymentFunction".into(),
-            "CoordinatorFunction".into(),
-        ];
-    })
-    .await
-}
-
 fn clients(t: &TestStack) -> AwsClients {
     AwsClients {
         dynamodb: t.stack.clients.dynamodb.clone(),
@@ -667,7 +655,7 @@ fn bad_requests() -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_request_is_bad_should_answer_4xx_with_a_json_error_and_write_nothing() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     t.put_product("p-1", 100, 50).await;
     t.put_product("p-2", 250, 7).await;
     let before = snapshot(&t).await;
@@ -743,7 +731,7 @@ async fn when_a_request_is_bad_should_answer_4xx_with_a_json_error_and_write_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_gateway_has_no_route_should_answer_404_and_write_nothing() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     t.put_product("p-1", 100, 50).await;
     let before = snapshot(&t).await;
     // API Gateway answers these itself, before the function: `{"message":"Not Found"}`.
@@ -778,7 +766,7 @@ async fn when_the_gateway_has_no_route_should_answer_404_and_write_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_body_is_exactly_at_the_size_limit_should_be_accepted() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     t.put_product("p-1", 100, 50).await;
     let r = t
         .raw_request(
@@ -804,7 +792,7 @@ async fn when_a_body_is_exactly_at_the_size_limit_should_be_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_product_id_is_a_route_word_should_still_be_served() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     // BUG (core, handlers/api.rs route()): the path pattern `[.., "orders"]` is tried before
     // `[.., "products", id]`, so `PUT /products/orders` is answered 405 METHOD_NOT_ALLOWED
     // (and `GET /orders/orders` 405 instead of 404). See the report.
@@ -822,7 +810,7 @@ async fn when_a_product_id_is_a_route_word_should_still_be_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_path_holds_raw_non_ascii_bytes_should_answer_4xx_not_drop_the_connection() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let addr = t.stack.http_addr;
     for target in [
         &b"/orders/caf\xc3\xa9"[..],
@@ -1096,7 +1084,7 @@ fn runner(cases: u32) -> TestRunner {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_api_gets_arbitrary_bytes_bodies_and_paths_should_never_panic_or_answer_5xx() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     t.put_product("p-1", 100, 1_000_000).await;
     t.put_product("p-2", 250, 1_000_000).await;
     let config = OrderApiConfig::load(&lookup(&t, "OrderApiFunction")).unwrap();
@@ -1143,7 +1131,7 @@ async fn when_the_api_gets_arbitrary_bytes_bodies_and_paths_should_never_panic_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_http_front_gets_arbitrary_paths_should_always_answer_below_500() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     t.put_product("p-1", 100, 1_000_000).await;
     let addr = t.stack.http_addr;
     let rt = tokio::runtime::Handle::current();
@@ -1518,7 +1506,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_stock_batch_mixes_garbage_and_valid_messages_should_fail_exactly_the_garbage() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let ids = placed_orders(&t, 2).await;
     let valid = [
         json!({"type": "ReserveStock", "orderId": ids[0], "items": [{"productId": "p-1", "quantity": 1}, {"productId": "p-2", "quantity": 1}]}),
@@ -1539,7 +1527,7 @@ async fn when_a_stock_batch_mixes_garbage_and_valid_messages_should_fail_exactly
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_payment_batch_mixes_garbage_and_valid_messages_should_fail_exactly_the_garbage() {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let ids = placed_orders(&t, 2).await;
     let valid = [
         json!({"type": "ChargePayment", "orderId": ids[0], "customerId": "c-1", "amountCents": 300, "paymentMethod": "tok_visa"}),
@@ -1564,7 +1552,7 @@ async fn when_a_payment_batch_mixes_garbage_and_valid_messages_should_fail_exact
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_coordinator_batch_mixes_garbage_and_valid_messages_should_fail_exactly_the_garbage()
 {
-    let t = paused_stack().await;
+    let t = TestStack::start_paused().await;
     let ids = placed_orders(&t, 2).await;
     let valid = [
         json!({"type": "StockReserved", "orderId": ids[0]}),

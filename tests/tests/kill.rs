@@ -6,18 +6,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use saga_core::domain::Order;
 use saga_tests::{assert_invariants, repo_root, settled, TestStack};
 use serde_json::{json, Value};
 
@@ -27,67 +26,6 @@ const CONCURRENCY: usize = 20;
 const KILL_AFTER: usize = 35;
 const NATURAL_SETTLE: Duration = Duration::from_secs(40);
 const HARD_LIMIT: Duration = Duration::from_secs(150);
-const DLQS: [(&str, &str); 3] = [
-    ("StockDeadLetterQueue", "StockQueue"),
-    ("PaymentDeadLetterQueue", "PaymentQueue"),
-    ("CoordinatorDeadLetterQueue", "CoordinatorQueue"),
-];
-
-/// The newest modification time of the files under `dir` (recursively).
-fn newest(dir: &Path) -> SystemTime {
-    let mut latest = SystemTime::UNIX_EPOCH;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            newest(&path)
-        } else {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH)
-        };
-        latest = latest.max(t);
-    }
-    latest
-}
-
-/// `target/debug/saga-local`, built first if it is missing or older than its sources.
-fn saga_local() -> PathBuf {
-    let root = repo_root();
-    let bin = root.join("target/debug/saga-local");
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let sources = ["infra/runner/src", "functions/core/src"]
-        .iter()
-        .map(|d| newest(&root.join(d)))
-        .chain(
-            [
-                root.join("Cargo.lock"),
-                root.join("infra/runner/Cargo.toml"),
-            ]
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
-        )
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    if built.is_none_or(|b| b < sources) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "local-runner", "--bin", "saga-local"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build");
-        // A binary that is merely older than the sources still runs; a missing one does not.
-        assert!(
-            status.success() || built.is_some(),
-            "cargo build -p local-runner --bin saga-local failed"
-        );
-        if !status.success() {
-            eprintln!("warning: rebuilding saga-local failed; using the existing (older) binary");
-        }
-    }
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
-}
 
 /// The runner as a child process; killed (SIGKILL) when dropped, whatever happened.
 struct Runner {
@@ -254,41 +192,6 @@ async fn place_until_accepted(http: Http, body: Value, p: Arc<Placement>) -> Has
     }
 }
 
-async fn all_orders(t: &TestStack) -> HashMap<String, Value> {
-    t.scan("OrdersTable")
-        .await
-        .into_iter()
-        .map(|item| {
-            let order: Order = saga_core::adapters::dynamo::from_item(item).expect("an order");
-            (order.order_id.clone(), order.view())
-        })
-        .collect()
-}
-
-async fn redrive_all(t: &TestStack) -> usize {
-    let mut moved = 0;
-    for (dlq, source) in DLQS {
-        moved += local_runner::redrive::redrive(
-            &t.stack.clients.sqs,
-            t.stack.queue_url(dlq),
-            t.stack.queue_url(source),
-            None,
-        )
-        .await
-        .expect("redrive");
-    }
-    moved
-}
-
-async fn queues_idle(t: &TestStack) -> bool {
-    for (dlq, source) in DLQS {
-        if t.queue_depth(source).await + t.queue_depth(dlq).await > 0 {
-            return false;
-        }
-    }
-    true
-}
-
 fn count_lines(log: &Path, needle: &str) -> usize {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -301,7 +204,7 @@ fn count_lines(log: &Path, needle: &str) -> usize {
 async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_order_and_keep_every_invariant(
 ) {
     saga_tests::services().await;
-    let bin = saga_local();
+    let bin = saga_tests::saga_local_binary();
     let prefix = format!("k{}-", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     // A reader on the same prefix: consumers paused, so only the child processes messages. It
     // provisions the tables and queues first (provisioning is idempotent); its sweeper runs
@@ -399,7 +302,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     let mut last_report = Instant::now();
     let (mut redriven, mut swept, mut last_recovery) = (0, 0, Instant::now());
     loop {
-        let orders = all_orders(&reader).await;
+        let orders = reader.all_orders().await;
         let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
         assert!(missing.is_empty(), "orders lost: {missing:?}");
         let unsettled: Vec<&Value> = ids
@@ -428,7 +331,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
             && last_recovery.elapsed() > Duration::from_secs(4)
         {
             last_recovery = Instant::now();
-            redriven += redrive_all(&reader).await;
+            redriven += reader.redrive_all().await;
             swept += reader.stack.sweep_now().await.expect("sweep")["timedOut"]
                 .as_u64()
                 .unwrap_or(0);
@@ -439,8 +342,8 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     // Then let every message still around be processed before checking.
     let quiet = Instant::now() + Duration::from_secs(60);
     loop {
-        redriven += redrive_all(&reader).await;
-        if queues_idle(&reader).await {
+        redriven += reader.redrive_all().await;
+        if reader.queues_idle().await {
             break;
         }
         assert!(Instant::now() < quiet, "the queues never went quiet");
@@ -448,7 +351,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     }
 
     assert_eq!(
-        all_orders(&reader).await.len(),
+        reader.all_orders().await.len(),
         ORDERS,
         "the table holds orders no answer named"
     );
