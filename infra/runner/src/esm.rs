@@ -244,11 +244,23 @@ async fn invoke(
         if !again.is_empty() {
             tracing::info!(function = %m.function, count = again.len(), "delivering messages a second time");
             let event = sqs_event(m, &again);
-            let _second_outcome_is_judged_by_its_own_effects = tokio::time::timeout(
+            // The first delivery already decided what is deleted; the second one is judged by
+            // its effects (there must be none), but its failure is still worth seeing.
+            match tokio::time::timeout(
                 m.function_timeout,
                 function(LambdaEvent::new(event, context(m))),
             )
-            .await;
+            .await
+            {
+                Ok(Ok(r)) if r.batch_item_failures.is_empty() => {}
+                Ok(Ok(r)) => {
+                    tracing::warn!(function = %m.function, failed = r.batch_item_failures.len(), "second delivery reported failures")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(function = %m.function, error = %e, "second delivery failed")
+                }
+                Err(_) => tracing::warn!(function = %m.function, "second delivery timed out"),
+            }
         }
     }
     if done.is_empty() {

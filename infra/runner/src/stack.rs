@@ -368,7 +368,13 @@ impl Stack {
     /// Runs the sweeper once, now.
     pub async fn sweep_now(&self) -> Option<serde_json::Value> {
         match &self.sweeper {
-            Some(s) => s.sweep().await.ok(),
+            Some(s) => match s.sweep().await {
+                Ok(summary) => Some(summary),
+                Err(e) => {
+                    tracing::error!(error = %e, "sweep failed");
+                    None
+                }
+            },
             None => None,
         }
     }
