@@ -297,13 +297,7 @@ impl IdempotencyStore {
             .expression_attribute_values(":newUntil", dynamo::n(new_until_ms))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) => match err.into_service_error() {
-                e if e.is_conditional_check_failed_exception() => Ok(false),
-                other => Err(StoreError::sdk("take_over", other)),
-            },
-        }
+        dynamo::applied(result.map_err(|e| e.into_service_error()), "take_over")
     }
 
     /// Gives up a claim after a failure so a retry can run. A completed record is never
@@ -322,13 +316,7 @@ impl IdempotencyStore {
             )
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match err.into_service_error() {
-                e if e.is_conditional_check_failed_exception() => Ok(()),
-                other => Err(StoreError::sdk("release", other)),
-            },
-        }
+        dynamo::applied(result.map_err(|e| e.into_service_error()), "release").map(|_| ())
     }
 
     /// Makes a claim immediately expired, so the next attempt takes it over (used when the
@@ -350,13 +338,7 @@ impl IdempotencyStore {
             .expression_attribute_values(":zero", dynamo::n(0))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(err) => match err.into_service_error() {
-                e if e.is_conditional_check_failed_exception() => Ok(()),
-                other => Err(StoreError::sdk("expire_claim", other)),
-            },
-        }
+        dynamo::applied(result.map_err(|e| e.into_service_error()), "expire_claim").map(|_| ())
     }
 }
 

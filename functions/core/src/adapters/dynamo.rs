@@ -84,6 +84,19 @@ pub fn to_item<T: serde::Serialize>(value: &T) -> Result<Item, StoreError> {
     serde_dynamo::to_item(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The outcome of a conditional write whose failed condition is an answer, not an error:
+/// `Ok(true)` when it was applied, `Ok(false)` when its condition did not hold.
+pub fn applied<T, E>(result: Result<T, E>, op: &'static str) -> Result<bool, StoreError>
+where
+    E: ProvideErrorMetadata + std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
+        Err(e) => Err(StoreError::sdk(op, e)),
+    }
+}
+
 /// Jittered pause before retrying a transaction conflict, growing with the attempt.
 pub async fn conflict_backoff(attempt: u32) {
     let base = 10u64 << attempt.min(5);
