@@ -467,6 +467,18 @@ pub async fn assert_invariants(t: &TestStack, orders: &[Value], initial: &HashMa
     }
 }
 
+/// What [`TestStack::settle_with_recovery`] had to do.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Messages moved from DLQs back to their queues.
+    pub redriven: usize,
+    /// Orders the sweeper timed out.
+    pub swept: u64,
+    pub rounds: usize,
+    /// How long until every order was final.
+    pub settled_in: Duration,
+}
+
 /// The dead-letter queues and their source queues (logical ids).
 pub const DLQS: [(&str, &str); 3] = [
     ("StockDeadLetterQueue", "StockQueue"),
@@ -514,6 +526,74 @@ impl TestStack {
             .expect("redrive");
         }
         moved
+    }
+
+    /// Waits until every order in `ids` is final, then until every queue is quiet, so that the
+    /// invariants are checked after all effects. The saga gets `natural` to settle on its own;
+    /// after that, every few seconds, dead letters are redriven and the sweeper runs (with the
+    /// stack's ORDER_TIMEOUT_SECONDS). Fails if an order is missing from the table (lost) or
+    /// nothing settles within `hard_limit`. `label` prefixes the progress reports.
+    pub async fn settle_with_recovery(
+        &self,
+        ids: &[String],
+        label: &str,
+        natural: Duration,
+        hard_limit: Duration,
+    ) -> Recovery {
+        let started = tokio::time::Instant::now();
+        let mut last_report = started;
+        let mut last_recovery = started;
+        let mut recovery = Recovery::default();
+        loop {
+            let orders = self.all_orders().await;
+            let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
+            assert!(missing.is_empty(), "orders lost: {missing:?}");
+            let unsettled: Vec<&Value> = ids
+                .iter()
+                .map(|id| &orders[id])
+                .filter(|o| !settled(o))
+                .collect();
+            if unsettled.is_empty() {
+                break;
+            }
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                last_report = tokio::time::Instant::now();
+                eprintln!(
+                    "{label}: {} of {} orders not settled after {:?}",
+                    unsettled.len(),
+                    ids.len(),
+                    started.elapsed()
+                );
+            }
+            assert!(
+                started.elapsed() < hard_limit,
+                "{} orders never settled, e.g. {}",
+                unsettled.len(),
+                unsettled[0]
+            );
+            if started.elapsed() > natural && last_recovery.elapsed() > Duration::from_secs(4) {
+                recovery.rounds += 1;
+                last_recovery = tokio::time::Instant::now();
+                recovery.redriven += self.redrive_all().await;
+                recovery.swept += self.stack.sweep_now().await.expect("sweep")["timedOut"]
+                    .as_u64()
+                    .unwrap_or(0);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        recovery.settled_in = started.elapsed();
+        let quiet = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            recovery.redriven += self.redrive_all().await;
+            if self.queues_idle().await {
+                return recovery;
+            }
+            assert!(
+                tokio::time::Instant::now() < quiet,
+                "the queues never went quiet"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Whether every work queue and DLQ is empty (nothing visible or in flight).

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use saga_core::faults::{FaultPoint, Faults};
-use saga_tests::{assert_invariants, settled, TestStack};
+use saga_tests::{assert_invariants, TestStack};
 use serde_json::{json, Value};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -246,67 +246,12 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
         "two keys named the same order"
     );
 
-    // Let the saga settle; then redrive dead letters and sweep stragglers until it has.
-    let settle_started = Instant::now();
-    let mut last_report = Instant::now();
-    let mut redriven = 0;
-    let mut swept = 0;
-    let mut recovery_rounds = 0;
-    let mut last_recovery = Instant::now();
-    loop {
-        let orders = t.all_orders().await;
-        let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
-        assert!(missing.is_empty(), "orders lost: {missing:?}");
-        let unsettled: Vec<&Value> = ids
-            .iter()
-            .map(|id| &orders[id])
-            .filter(|o| !settled(o))
-            .collect();
-        if unsettled.is_empty() {
-            break;
-        }
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            last_report = Instant::now();
-            eprintln!(
-                "chaos: {} of {ORDERS} orders not settled after {:?}",
-                unsettled.len(),
-                settle_started.elapsed()
-            );
-        }
-        assert!(
-            settle_started.elapsed() < HARD_LIMIT,
-            "{} orders never settled, e.g. {}",
-            unsettled.len(),
-            unsettled[0]
-        );
-        if settle_started.elapsed() > NATURAL_SETTLE
-            && last_recovery.elapsed() > Duration::from_secs(4)
-        {
-            recovery_rounds += 1;
-            last_recovery = Instant::now();
-            redriven += t.redrive_all().await;
-            swept += t.stack.sweep_now().await.expect("sweep")["timedOut"]
-                .as_u64()
-                .unwrap_or(0);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    // Let the saga settle; then redrive dead letters and sweep stragglers until it has, and
+    // let every message still around be processed so the invariants see all effects.
+    let recovery = t
+        .settle_with_recovery(&ids, "chaos", NATURAL_SETTLE, HARD_LIMIT)
+        .await;
     let settled_in = started.elapsed();
-
-    // Every order is final; now let every message still around (duplicates, retries, late
-    // dead letters) be processed, so that the invariants are checked after all effects.
-    let quiet_deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        redriven += t.redrive_all().await;
-        if t.queues_idle().await {
-            break;
-        }
-        assert!(
-            Instant::now() < quiet_deadline,
-            "the queues never went quiet"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 
     let table = t.all_orders().await;
     assert_eq!(
@@ -325,8 +270,8 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
         "chaos (crash rate {rate}): {ORDERS} orders placed in {placed_in:?}, settled after {settled_in:?}: \
          {confirmed} confirmed, {} declined, {} short of stock, {} timed out, {refunded} refunded; \
          placement: {placement:?}; crashes injected (after_write, after_publish, in_payment): \
-         {:?}; logs: {logs:?}; dead letters redriven: {redriven}; swept: {swept} in \
-         {recovery_rounds} recovery rounds",
+         {:?}; logs: {logs:?}; dead letters redriven: {}; swept: {} in \
+         {} recovery rounds",
         reason("PAYMENT_DECLINED"),
         reason("INSUFFICIENT_STOCK"),
         reason("TIMEOUT"),
@@ -334,6 +279,9 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect::<Vec<_>>(),
+        recovery.redriven,
+        recovery.swept,
+        recovery.rounds,
     );
     assert!(confirmed > 0, "nothing confirmed");
     assert!(

@@ -17,7 +17,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use saga_tests::{assert_invariants, repo_root, settled, TestStack};
+use saga_tests::{assert_invariants, repo_root, TestStack};
 use serde_json::{json, Value};
 
 const ORDERS: usize = 100;
@@ -297,58 +297,12 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     let ids: Vec<String> = answers.iter().flat_map(|s| s.iter().cloned()).collect();
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ORDERS);
 
-    // Settle; redrive dead letters and sweep stragglers if the saga does not settle alone.
-    let settle_started = Instant::now();
-    let mut last_report = Instant::now();
-    let (mut redriven, mut swept, mut last_recovery) = (0, 0, Instant::now());
-    loop {
-        let orders = reader.all_orders().await;
-        let missing: Vec<_> = ids.iter().filter(|id| !orders.contains_key(*id)).collect();
-        assert!(missing.is_empty(), "orders lost: {missing:?}");
-        let unsettled: Vec<&Value> = ids
-            .iter()
-            .map(|id| &orders[id])
-            .filter(|o| !settled(o))
-            .collect();
-        if unsettled.is_empty() {
-            break;
-        }
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            last_report = Instant::now();
-            eprintln!(
-                "kill: {} of {ORDERS} orders not settled after {:?}",
-                unsettled.len(),
-                settle_started.elapsed()
-            );
-        }
-        assert!(
-            settle_started.elapsed() < HARD_LIMIT,
-            "{} orders never settled, e.g. {}",
-            unsettled.len(),
-            unsettled[0]
-        );
-        if settle_started.elapsed() > NATURAL_SETTLE
-            && last_recovery.elapsed() > Duration::from_secs(4)
-        {
-            last_recovery = Instant::now();
-            redriven += reader.redrive_all().await;
-            swept += reader.stack.sweep_now().await.expect("sweep")["timedOut"]
-                .as_u64()
-                .unwrap_or(0);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    // Settle; redrive dead letters and sweep stragglers if the saga does not settle alone;
+    // then let every message still around be processed before checking.
+    let recovery = reader
+        .settle_with_recovery(&ids, "kill", NATURAL_SETTLE, HARD_LIMIT)
+        .await;
     let settled_in = started.elapsed();
-    // Then let every message still around be processed before checking.
-    let quiet = Instant::now() + Duration::from_secs(60);
-    loop {
-        redriven += reader.redrive_all().await;
-        if reader.queues_idle().await {
-            break;
-        }
-        assert!(Instant::now() < quiet, "the queues never went quiet");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 
     assert_eq!(
         reader.all_orders().await.len(),
@@ -364,7 +318,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
          after {placed_in:?}, settled after {settled_in:?}: {confirmed} confirmed, {} declined, \
          {} short of stock, {} timed out; placement: {placement:?}; runner logs: {} API takeovers, \
          {} steps replayed, {} transient record failures, {} permanent record failures, \
-         {} invocations timed out; dead letters redriven: {redriven}; swept: {swept}; logs: {}",
+         {} invocations timed out; dead letters redriven: {}; swept: {}; logs: {}",
         reason("PAYMENT_DECLINED"),
         reason("INSUFFICIENT_STOCK"),
         reason("TIMEOUT"),
@@ -373,6 +327,8 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
         count("transient failure"),
         count("message cannot be processed"),
         count("function timed out"),
+        recovery.redriven,
+        recovery.swept,
         logs.iter()
             .map(|l| l.display().to_string())
             .collect::<Vec<_>>()

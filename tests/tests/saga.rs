@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Context, LambdaEvent};
-use saga_core::aws::AwsClients;
 use saga_core::config::{PaymentConfig, StockConfig};
 use saga_core::faults::{FaultPoint, Faults};
 use saga_core::handlers::{payment::PaymentHandler, stock::StockHandler};
@@ -80,10 +79,7 @@ async fn when_reserve_stock_is_redelivered_or_its_handler_dies_after_the_write_s
     t.put_product("p-r", 100, 10).await;
     let id = t.place_ok(&[("p-r", 3)], None).await;
     let reserve = json!({"type": "ReserveStock", "orderId": id, "items": [{"productId": "p-r", "quantity": 3}]});
-    let clients = AwsClients {
-        dynamodb: t.stack.clients.dynamodb.clone(),
-        sqs: t.stack.clients.sqs.clone(),
-    };
+    let clients = t.stack.clients.clone();
     let config = StockConfig::load(&lookup(&t, "StockFunction")).unwrap();
 
     // 1. Dies after its DynamoDB write, before publishing and before SQS deletes the message.
@@ -130,10 +126,7 @@ async fn when_charge_payment_is_redelivered_or_crashes_mid_call_should_charge_on
     t.put_product("p-c", 700, 10).await;
     let id = t.place_ok(&[("p-c", 2)], None).await;
     let charge = json!({"type": "ChargePayment", "orderId": id, "customerId": "c-1", "amountCents": 1400, "paymentMethod": "tok_visa"});
-    let clients = AwsClients {
-        dynamodb: t.stack.clients.dynamodb.clone(),
-        sqs: t.stack.clients.sqs.clone(),
-    };
+    let clients = t.stack.clients.clone();
     let config = PaymentConfig::load(&lookup(&t, "PaymentFunction")).unwrap();
 
     // Dies inside the payment call: the provider charged, nothing was recorded on our side.
