@@ -20,6 +20,8 @@ use local_runner::stack::{Stack, StackOptions};
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
+pub mod logs;
+
 pub use local_runner;
 pub use saga_core;
 
@@ -219,9 +221,30 @@ impl TestStack {
         }
     }
 
+    /// Waits until every order in `ids` is settled (see [`settled`]); returns them in the order
+    /// of `ids`. One consistent scan of the orders table a second, however many orders: polling
+    /// each order through the API would load the very stack under test.
     pub async fn wait_all_settled(&self, ids: &[String], timeout: Duration) -> Vec<Value> {
-        let futures = ids.iter().map(|id| self.wait_settled(id, timeout));
-        futures::future::join_all(futures).await
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut orders = self.all_orders().await;
+            let pending: Vec<&String> = ids
+                .iter()
+                .filter(|id| !orders.get(*id).is_some_and(settled))
+                .collect();
+            if pending.is_empty() {
+                return ids.iter().filter_map(|id| orders.remove(id)).collect();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {} orders did not settle in {timeout:?}, e.g. {}: {}",
+                pending.len(),
+                ids.len(),
+                pending[0],
+                orders.get(pending[0]).cloned().unwrap_or(Value::Null)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     pub async fn product_quantity(&self, id: &str) -> i64 {
@@ -531,18 +554,20 @@ impl TestStack {
     /// Waits until every order in `ids` is final, then until every queue is quiet, so that the
     /// invariants are checked after all effects. The saga gets `natural` to settle on its own;
     /// after that, every few seconds, dead letters are redriven and the sweeper runs (with the
-    /// stack's ORDER_TIMEOUT_SECONDS). Fails if an order is missing from the table (lost) or
-    /// nothing settles within `hard_limit`. `label` prefixes the progress reports.
+    /// stack's ORDER_TIMEOUT_SECONDS). Fails if an order is missing from the table (lost), or
+    /// if no order settles for `stall` (however slow the machine, a working saga keeps
+    /// settling orders). `label` prefixes the progress reports.
     pub async fn settle_with_recovery(
         &self,
         ids: &[String],
         label: &str,
         natural: Duration,
-        hard_limit: Duration,
+        stall: Duration,
     ) -> Recovery {
         let started = tokio::time::Instant::now();
         let mut last_report = started;
         let mut last_recovery = started;
+        let mut last_progress = (started, usize::MAX);
         let mut recovery = Recovery::default();
         loop {
             let orders = self.all_orders().await;
@@ -565,10 +590,15 @@ impl TestStack {
                     started.elapsed()
                 );
             }
+            if unsettled.len() < last_progress.1 {
+                last_progress = (tokio::time::Instant::now(), unsettled.len());
+            }
             assert!(
-                started.elapsed() < hard_limit,
-                "{} orders never settled, e.g. {}",
+                last_progress.0.elapsed() < stall,
+                "{label}: no order settled for {stall:?} ({} of {} still open after {:?}), e.g. {}",
                 unsettled.len(),
+                ids.len(),
+                started.elapsed(),
                 unsettled[0]
             );
             if started.elapsed() > natural && last_recovery.elapsed() > Duration::from_secs(4) {
@@ -582,7 +612,7 @@ impl TestStack {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         recovery.settled_in = started.elapsed();
-        let quiet = tokio::time::Instant::now() + Duration::from_secs(60);
+        let quiet = tokio::time::Instant::now() + stall;
         loop {
             recovery.redriven += self.redrive_all().await;
             if self.queues_idle().await {
@@ -590,10 +620,28 @@ impl TestStack {
             }
             assert!(
                 tokio::time::Instant::now() < quiet,
-                "the queues never went quiet"
+                "{label}: the queues never went quiet within {stall:?}"
             );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Messages waiting or in flight in the three work queues.
+    pub async fn backlog(&self) -> i64 {
+        let mut total = 0;
+        for (_, source) in DLQS {
+            total += self.queue_depth(source).await;
+        }
+        total
+    }
+
+    /// Messages in the three dead-letter queues.
+    pub async fn dead_letters(&self) -> i64 {
+        let mut total = 0;
+        for (dlq, _) in DLQS {
+            total += self.queue_depth(dlq).await;
+        }
+        total
     }
 
     /// Whether every work queue and DLQ is empty (nothing visible or in flight).
@@ -604,6 +652,84 @@ impl TestStack {
             }
         }
         true
+    }
+}
+
+/// Paces a load generator by what the stack absorbs: a new order is admitted only while the
+/// work queues hold fewer than `bound` messages, so a slow machine gets a slower test instead
+/// of a backlog that grows until the SQS stand-in collapses under it. The depth is read at
+/// most every 250 ms and shared by every caller; each admission counts as two more messages
+/// (an order's two commands) until the next reading.
+pub struct Pacer<'a> {
+    stack: &'a TestStack,
+    bound: i64,
+    state: tokio::sync::Mutex<PacerState>,
+}
+
+struct PacerState {
+    read_at: Option<tokio::time::Instant>,
+    depth: i64,
+    peak: i64,
+    waits: usize,
+    /// When the backlog last shrank (or admitted an order).
+    progress_at: tokio::time::Instant,
+}
+
+/// Waiting longer than this for the backlog to shrink means the stack stopped working.
+const PACER_STALL: Duration = Duration::from_secs(300);
+
+impl<'a> Pacer<'a> {
+    pub fn new(stack: &'a TestStack, bound: i64) -> Self {
+        Self {
+            stack,
+            bound,
+            state: tokio::sync::Mutex::new(PacerState {
+                read_at: None,
+                depth: 0,
+                peak: 0,
+                waits: 0,
+                progress_at: tokio::time::Instant::now(),
+            }),
+        }
+    }
+
+    /// Returns once the backlog is under the bound.
+    pub async fn admit(&self) {
+        loop {
+            {
+                let mut s = self.state.lock().await;
+                if s.read_at
+                    .is_none_or(|t| t.elapsed() >= Duration::from_millis(250))
+                {
+                    let depth = self.stack.backlog().await;
+                    if depth < s.depth {
+                        s.progress_at = tokio::time::Instant::now();
+                    }
+                    s.depth = depth;
+                    s.peak = s.peak.max(depth);
+                    s.read_at = Some(tokio::time::Instant::now());
+                }
+                if s.depth < self.bound {
+                    s.depth += 2;
+                    s.progress_at = tokio::time::Instant::now();
+                    return;
+                }
+                s.waits += 1;
+                assert!(
+                    s.progress_at.elapsed() < PACER_STALL,
+                    "the work queues have held {} messages (bound {}) without shrinking for {PACER_STALL:?}",
+                    s.depth,
+                    self.bound
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The deepest backlog seen, and how often a caller had to wait.
+    pub async fn report(&self) -> (i64, usize) {
+        let s = self.state.lock().await;
+        (s.peak, s.waits)
     }
 }
 

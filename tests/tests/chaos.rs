@@ -10,19 +10,14 @@
 //! lost or corrupted order.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use saga_core::faults::{FaultPoint, Faults};
-use saga_tests::{assert_invariants, TestStack};
+use saga_tests::logs::count_logs;
+use saga_tests::{assert_invariants, Pacer, TestStack};
 use serde_json::{json, Value};
-use tracing::field::{Field, Visit};
-use tracing_subscriber::layer::{Context, SubscriberExt};
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 const ORDERS: usize = 300;
 const CONCURRENCY: usize = 30;
@@ -39,86 +34,13 @@ const DECLINE_RATE: &str = "0.2";
 const ORDER_TIMEOUT_SECONDS: &str = "20";
 /// How long the saga gets to settle on its own before DLQs are redriven and the sweeper runs.
 const NATURAL_SETTLE: Duration = Duration::from_secs(45);
-/// Beyond this the test fails: something is stuck for good.
-const HARD_LIMIT: Duration = Duration::from_secs(150);
-
-/// What the handlers and the runner reported while the test ran, counted from their logs.
-#[derive(Default, Debug)]
-struct LogCounts {
-    crashes: [AtomicUsize; 3],
-    transient: AtomicUsize,
-    permanent: AtomicUsize,
-    redelivered: AtomicUsize,
-    api_takeovers: AtomicUsize,
-    timed_out_invocations: AtomicUsize,
-}
-
-#[derive(Default)]
-struct EventFields {
-    message: String,
-    fault: String,
-    count: u64,
-}
-
-impl Visit for EventFields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            "fault" => self.fault = value.to_string(),
-            "message" => self.message = value.to_string(),
-            _ => {}
-        }
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if field.name() == "count" {
-            self.count = value;
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-        if field.name() == "message" {
-            self.message = format!("{value:?}");
-        }
-    }
-}
-
-struct CountingLayer(Arc<LogCounts>);
-
-impl<S: tracing::Subscriber> Layer<S> for CountingLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        let mut f = EventFields::default();
-        event.record(&mut f);
-        let c = &self.0;
-        let m = f.message.as_str();
-        if m == "injected crash" {
-            if let Some(i) = FaultPoint::ALL.iter().position(|p| p.name() == f.fault) {
-                c.crashes[i].fetch_add(1, Ordering::Relaxed);
-            }
-        } else if m.starts_with("transient failure") {
-            c.transient.fetch_add(1, Ordering::Relaxed);
-        } else if m.starts_with("message cannot be processed") {
-            c.permanent.fetch_add(1, Ordering::Relaxed);
-        } else if m.starts_with("delivering messages a second time") {
-            c.redelivered.fetch_add(f.count as usize, Ordering::Relaxed);
-        } else if m.starts_with("taking over an abandoned request") {
-            c.api_takeovers.fetch_add(1, Ordering::Relaxed);
-        } else if m.starts_with("function timed out") {
-            c.timed_out_invocations.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn count_logs() -> Arc<LogCounts> {
-    let counts = Arc::new(LogCounts::default());
-    let filter = tracing_subscriber::filter::Targets::new()
-        .with_target("saga_core", tracing::Level::INFO)
-        .with_target("local_runner", tracing::Level::INFO);
-    tracing_subscriber::registry()
-        .with(CountingLayer(counts.clone()).with_filter(filter))
-        .try_init()
-        .expect("this test binary installs the only subscriber");
-    counts
-}
+/// No order settling for this long means something is stuck for good.
+const STALL_LIMIT: Duration = Duration::from_secs(240);
+/// Placement waits while the work queues hold this many messages: a slow machine makes the
+/// test slower, never a backlog the SQS stand-in drowns in.
+const BACKLOG_BOUND: i64 = 200;
+/// How long one order's key may go without a 202 before the test gives up on it.
+const ACCEPT_WITHIN: Duration = Duration::from_secs(300);
 
 /// What placing the orders took.
 #[derive(Default, Debug)]
@@ -134,10 +56,16 @@ struct Placement {
 
 /// Places one order with an Idempotency-Key, retrying the same key and body until 202.
 /// Returns every order id any answer named (there must be exactly one).
-async fn place_until_accepted(t: &TestStack, body: &Value, p: &Placement) -> HashSet<String> {
+async fn place_until_accepted(
+    t: &TestStack,
+    pacer: &Pacer<'_>,
+    body: &Value,
+    p: &Placement,
+) -> HashSet<String> {
+    pacer.admit().await;
     let key = uuid::Uuid::new_v4().to_string();
     let mut ids = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + ACCEPT_WITHIN;
     let mut backoff = Duration::from_millis(200);
     let mut first = true;
     loop {
@@ -173,11 +101,11 @@ async fn place_until_accepted(t: &TestStack, body: &Value, p: &Placement) -> Has
         }
         assert!(
             Instant::now() < deadline,
-            "key {key} never got a 202; last answer {} {}",
+            "key {key} got no 202 within {ACCEPT_WITHIN:?}; last answer {} {}",
             r.status,
             r.raw
         );
-        // A crashed request holds its key until its deadline (the 2 s function timeout).
+        // A crashed request holds its key until its deadline (the function timeout in force).
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(1000));
     }
@@ -225,8 +153,9 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
 
     let started = Instant::now();
     let placement = Placement::default();
+    let pacer = Pacer::new(&t, BACKLOG_BOUND);
     let answers: Vec<HashSet<String>> = futures::stream::iter(bodies.iter())
-        .map(|body| place_until_accepted(&t, body, &placement))
+        .map(|body| place_until_accepted(&t, &pacer, body, &placement))
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
@@ -249,9 +178,10 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
     // Let the saga settle; then redrive dead letters and sweep stragglers until it has, and
     // let every message still around be processed so the invariants see all effects.
     let recovery = t
-        .settle_with_recovery(&ids, "chaos", NATURAL_SETTLE, HARD_LIMIT)
+        .settle_with_recovery(&ids, "chaos", NATURAL_SETTLE, STALL_LIMIT)
         .await;
     let settled_in = started.elapsed();
+    let (peak_backlog, paced) = pacer.report().await;
 
     let table = t.all_orders().await;
     assert_eq!(
@@ -271,7 +201,8 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
          {confirmed} confirmed, {} declined, {} short of stock, {} timed out, {refunded} refunded; \
          placement: {placement:?}; crashes injected (after_write, after_publish, in_payment): \
          {:?}; logs: {logs:?}; dead letters redriven: {}; swept: {} in \
-         {} recovery rounds",
+         {} recovery rounds; backlog peaked at {peak_backlog} messages, placement waited \
+         {paced} times",
         reason("PAYMENT_DECLINED"),
         reason("INSUFFICIENT_STOCK"),
         reason("TIMEOUT"),

@@ -23,7 +23,7 @@ use saga_core::time::now_ms;
 use saga_tests::{Reply, TestStack};
 use serde_json::{json, Value};
 
-const SETTLE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(120);
 const HOUR_MS: i64 = 3_600_000;
 
 // ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use saga_tests::{assert_invariants, repo_root, TestStack};
+use saga_tests::{assert_invariants, repo_root, Pacer, TestStack};
 use serde_json::{json, Value};
 
 const ORDERS: usize = 100;
@@ -25,7 +25,13 @@ const CONCURRENCY: usize = 20;
 /// Accepted orders after which the runner is killed.
 const KILL_AFTER: usize = 35;
 const NATURAL_SETTLE: Duration = Duration::from_secs(40);
-const HARD_LIMIT: Duration = Duration::from_secs(150);
+/// No order settling for this long means something is stuck for good.
+const STALL_LIMIT: Duration = Duration::from_secs(240);
+/// Placement waits while the work queues hold this many messages (see [`Pacer`]).
+const BACKLOG_BOUND: i64 = 150;
+/// Generous bounds for what a slow machine may take.
+const ACCEPT_WITHIN: Duration = Duration::from_secs(300);
+const READY_WITHIN: Duration = Duration::from_secs(120);
 
 /// The runner as a child process; killed (SIGKILL) when dropped, whatever happened.
 struct Runner {
@@ -130,7 +136,7 @@ impl Http {
     }
 
     async fn wait_ready(&self, runner: &mut Runner) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + READY_WITHIN;
         loop {
             if let Ok((404, _)) = self.call("GET", "/products/not-there", None, None).await {
                 return;
@@ -138,7 +144,10 @@ impl Http {
             if let Ok(Some(status)) = runner.child.try_wait() {
                 panic!("saga-local exited early: {status}");
             }
-            assert!(Instant::now() < deadline, "saga-local never answered");
+            assert!(
+                Instant::now() < deadline,
+                "saga-local did not answer within {READY_WITHIN:?}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -157,10 +166,16 @@ struct Placement {
 
 /// POSTs one order with an Idempotency-Key until it is accepted (through the kill and the
 /// restart). Returns every order id an answer named.
-async fn place_until_accepted(http: Http, body: Value, p: Arc<Placement>) -> HashSet<String> {
+async fn place_until_accepted(
+    http: &Http,
+    pacer: &Pacer<'_>,
+    body: Value,
+    p: &Placement,
+) -> HashSet<String> {
+    pacer.admit().await;
     let key = uuid::Uuid::new_v4().to_string();
     let mut ids = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + ACCEPT_WITHIN;
     let mut first = true;
     loop {
         p.attempts.fetch_add(1, Ordering::Relaxed);
@@ -187,7 +202,10 @@ async fn place_until_accepted(http: Http, body: Value, p: Arc<Placement>) -> Has
             first = false;
             p.in_doubt.fetch_add(1, Ordering::Relaxed);
         }
-        assert!(Instant::now() < deadline, "key {key} never got a 202");
+        assert!(
+            Instant::now() < deadline,
+            "key {key} got no 202 within {ACCEPT_WITHIN:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -259,37 +277,42 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
             })
         })
         .collect();
+    let pacer = Pacer::new(&reader, BACKLOG_BOUND);
     let placing = {
-        let (http, p) = (http.clone(), placement.clone());
-        tokio::spawn(async move {
-            use futures::StreamExt;
-            futures::stream::iter(bodies)
-                .map(|body| place_until_accepted(http.clone(), body, p.clone()))
-                .buffer_unordered(CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await
-        })
+        use futures::StreamExt;
+        let (http, pacer, p) = (&http, &pacer, &placement);
+        futures::stream::iter(bodies)
+            .map(|body| place_until_accepted(http, pacer, body, p))
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<_>>()
     };
 
     // Kill it in the middle: requests in flight, messages being processed.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while placement.accepted.load(Ordering::Relaxed) < KILL_AFTER {
-        assert!(Instant::now() < deadline, "orders are not being accepted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // ...and once the coordinator is at work too, so that every consumer has work in flight.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while count_lines(&logs[0], "order confirmed") < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    runner.kill();
-    let accepted_at_kill = placement.accepted.load(Ordering::Relaxed);
-    let killed_at = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let mut runner = Runner::start(&bin, &prefix, port, &logs[1]);
-    http.wait_ready(&mut runner).await;
-
-    let answers = placing.await.expect("placing orders");
+    let kill_and_restart = async {
+        let deadline = Instant::now() + ACCEPT_WITHIN;
+        while placement.accepted.load(Ordering::Relaxed) < KILL_AFTER {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {KILL_AFTER} orders accepted within {ACCEPT_WITHIN:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // ...and once the coordinator is at work too, so that every consumer has work in
+        // flight (if it takes long, the kill comes anyway: what it interrupts varies).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while count_lines(&logs[0], "order confirmed") < 5 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        runner.kill();
+        let accepted_at_kill = placement.accepted.load(Ordering::Relaxed);
+        let killed_at = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let mut runner = Runner::start(&bin, &prefix, port, &logs[1]);
+        http.wait_ready(&mut runner).await;
+        (runner, accepted_at_kill, killed_at)
+    };
+    let (answers, (mut runner, accepted_at_kill, killed_at)) =
+        tokio::join!(placing, kill_and_restart);
     let placed_in = started.elapsed();
     for ids in &answers {
         assert_eq!(ids.len(), 1, "one key named several orders: {ids:?}");
@@ -300,7 +323,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     // Settle; redrive dead letters and sweep stragglers if the saga does not settle alone;
     // then let every message still around be processed before checking.
     let recovery = reader
-        .settle_with_recovery(&ids, "kill", NATURAL_SETTLE, HARD_LIMIT)
+        .settle_with_recovery(&ids, "kill", NATURAL_SETTLE, STALL_LIMIT)
         .await;
     let settled_in = started.elapsed();
 

@@ -5,7 +5,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use saga_tests::{assert_invariants, TestStack};
+use saga_tests::{assert_invariants, Pacer, TestStack};
+
+/// Placement waits while the work queues hold this many messages (see [`Pacer`]).
+const BACKLOG_BOUND: i64 = 200;
+/// However slow the machine, 200 paced orders settle well within this.
+const SETTLE: Duration = Duration::from_secs(900);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_keep_every_invariant()
@@ -35,10 +40,12 @@ async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_ke
                 .collect()
         })
         .collect();
+    let pacer = Pacer::new(&t, BACKLOG_BOUND);
     let ids: Vec<String> = futures::stream::iter(orders.iter())
         .map(|items| {
-            let t = &t;
+            let (t, pacer) = (&t, &pacer);
             async move {
+                pacer.admit().await;
                 let items: Vec<(&str, u64)> = items.iter().map(|(p, q)| (p.as_str(), *q)).collect();
                 t.place_ok(&items, None).await
             }
@@ -47,7 +54,8 @@ async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_ke
         .collect()
         .await;
     let placed_in = started.elapsed();
-    let settled = t.wait_all_settled(&ids, Duration::from_secs(180)).await;
+    let settled = t.wait_all_settled(&ids, SETTLE).await;
+    let (peak_backlog, paced) = pacer.report().await;
     let confirmed = settled
         .iter()
         .filter(|o| o["status"] == "CONFIRMED")
@@ -61,7 +69,7 @@ async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_ke
         .filter(|o| o["cancelReason"] == "INSUFFICIENT_STOCK")
         .count();
     eprintln!(
-        "load: 200 orders placed in {placed_in:?}, all settled in {:?}: {confirmed} confirmed, {declined} declined, {short} short of stock",
+        "load: 200 orders placed in {placed_in:?}, all settled in {:?}: {confirmed} confirmed, {declined} declined, {short} short of stock; backlog peaked at {peak_backlog}, placement waited {paced} times",
         started.elapsed()
     );
     assert_eq!(settled.len(), 200);

@@ -11,7 +11,7 @@ use saga_core::handlers::{payment::PaymentHandler, stock::StockHandler};
 use saga_tests::{assert_invariants, TestStack};
 use serde_json::json;
 
-const SETTLE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_ten_orders_race_for_five_units_should_confirm_exactly_five() {

@@ -2,6 +2,7 @@
 //! template's routes, turn it into an API Gateway HTTP API (payload format 2.0) event, and
 //! give it to the order API handler, exactly as Lambda would.
 
+use crate::pacing::FunctionTimeout;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
@@ -13,7 +14,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -180,7 +180,7 @@ pub async fn serve(
     addr: SocketAddr,
     routes: Vec<RouteSpec>,
     function: HttpFunction,
-    function_timeout: Duration,
+    function_timeout: Arc<FunctionTimeout>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -200,13 +200,15 @@ pub async fn serve(
             };
             let routes = routes.clone();
             let function = function.clone();
+            let function_timeout = function_timeout.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let routes = routes.clone();
                     let function = function.clone();
+                    let function_timeout = function_timeout.clone();
                     async move {
                         Ok::<_, std::convert::Infallible>(
-                            handle(req, &routes, &function, function_timeout).await,
+                            handle(req, &routes, &function, &function_timeout).await,
                         )
                     }
                 });
@@ -234,7 +236,7 @@ async fn handle(
     req: hyper::Request<Incoming>,
     routes: &[RouteSpec],
     function: &HttpFunction,
-    function_timeout: Duration,
+    function_timeout: &FunctionTimeout,
 ) -> hyper::Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
@@ -261,18 +263,27 @@ async fn handle(
             )
         }
     };
+    let timeout = function_timeout.current();
     let mut ctx = lambda_runtime::Context::default();
     ctx.request_id = uuid::Uuid::new_v4().to_string();
-    ctx.deadline = (saga_core::time::now_ms() + function_timeout.as_millis() as i64) as u64;
+    ctx.deadline = (saga_core::time::now_ms() + timeout.as_millis() as i64) as u64;
     let request = request.with_lambda_context(ctx);
     let started = std::time::Instant::now();
-    let response = match tokio::time::timeout(function_timeout, function(request)).await {
-        Ok(Ok(r)) => r,
+    let response = match tokio::time::timeout(timeout, function(request)).await {
+        Ok(Ok(r)) => {
+            function_timeout.observe(started.elapsed());
+            r
+        }
         Ok(Err(e)) => {
+            function_timeout.observe(started.elapsed());
             tracing::error!(error = %e, "order API function failed");
             return plain(500, json!({"message": "Internal Server Error"}));
         }
-        Err(_) => return plain(503, json!({"message": "Service Unavailable"})),
+        Err(_) => {
+            function_timeout.timed_out(timeout);
+            tracing::error!(?timeout, "order API function timed out");
+            return plain(503, json!({"message": "Service Unavailable"}));
+        }
     };
     let (parts, body) = response.into_parts();
     tracing::info!(

@@ -5,10 +5,12 @@
 //! - [`stack`]: wires every function of the template to its handler;
 //! - [`http`]: API Gateway's HTTP API in front of the order API handler;
 //! - [`esm`]: Lambda's SQS event source mapping in front of the queue consumers;
+//! - [`pacing`]: scaled timeouts, back-off and fewer pollers when the machine is slow;
 //! - [`redrive`]: moves messages from a DLQ back to its source queue.
 pub mod counting;
 pub mod esm;
 pub mod http;
+pub mod pacing;
 pub mod provision;
 pub mod redrive;
 pub mod services;

@@ -141,6 +141,7 @@ async fn run(args: &[String]) -> Result<(), String> {
         opts.visibility_timeout = Some(secs as i32);
         // A function must not outlive its message's visibility, or a redelivery would find its
         // claim still held: unless SAGA_FUNCTION_TIMEOUT says otherwise, shorten it to match.
+        // Both are floors: they grow with the invocations' durations up to the template's.
         opts.function_timeout = Some(Duration::from_secs(secs.max(1)));
     }
     if let Ok(v) = std::env::var("SAGA_FUNCTION_TIMEOUT") {

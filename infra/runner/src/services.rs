@@ -162,7 +162,8 @@ impl Kind {
     fn cmdline_marker(self) -> &'static str {
         match self {
             Kind::DynamoDb => "DynamoDBLocal",
-            Kind::Sqs => "moto_server",
+            // infra/moto/serve.py, or moto_server as an older version of the runner started it.
+            Kind::Sqs => "moto",
         }
     }
 
@@ -546,16 +547,24 @@ fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn moto_server(repo_root: &Path) -> Result<PathBuf, ServiceError> {
+/// The venv's Python and `infra/moto/serve.py`: moto's server with its quadratic SQS receive
+/// paths made linear (the script says which, and why).
+fn moto_server(repo_root: &Path) -> Result<(PathBuf, PathBuf), ServiceError> {
     let moto = repo_root.join(".venv/bin/moto_server");
-    if is_executable(&moto) {
-        Ok(moto)
-    } else {
-        Err(ServiceError::NotInstalled {
+    if !is_executable(&moto) {
+        return Err(ServiceError::NotInstalled {
             what: "moto_server (the SQS stand-in)",
             path: moto,
-        })
+        });
     }
+    let serve = repo_root.join("infra/moto/serve.py");
+    if !serve.is_file() {
+        return Err(ServiceError::NotInstalled {
+            what: "infra/moto/serve.py (moto's launcher)",
+            path: serve,
+        });
+    }
+    Ok((repo_root.join(".venv/bin/python"), serve))
 }
 
 /// The program and arguments that run `kind` on `port`.
@@ -587,11 +596,10 @@ fn command_line(
             Ok((java, args))
         }
         Kind::Sqs => {
-            let moto = moto_server(&opts.repo_root)?;
-            Ok((
-                moto,
-                ["-H", "127.0.0.1", "-p", &port].map(String::from).to_vec(),
-            ))
+            let (python, serve) = moto_server(&opts.repo_root)?;
+            let mut args = vec![serve.display().to_string()];
+            args.extend(["-H", "127.0.0.1", "-p", &port].map(String::from));
+            Ok((python, args))
         }
     }
 }
@@ -1051,10 +1059,25 @@ mod tests {
         fs::write(bin.join("moto_server"), "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(bin.join("moto_server"), fs::Permissions::from_mode(0o755)).unwrap();
+        let err = command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap_err();
+        assert!(err.to_string().contains("infra/moto/serve.py"), "{err}");
+
+        let serve = tmp.0.join("infra/moto/serve.py");
+        fs::create_dir_all(serve.parent().unwrap()).unwrap();
+        fs::write(&serve, "").unwrap();
         let (program, args) =
             command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap();
-        assert_eq!(program, bin.join("moto_server"));
-        assert_eq!(args, ["-H", "127.0.0.1", "-p", "9400"]);
+        assert_eq!(program, bin.join("python"));
+        assert_eq!(
+            args,
+            [
+                serve.display().to_string().as_str(),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                "9400"
+            ]
+        );
     }
 
     #[test]

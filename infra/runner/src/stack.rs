@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::esm::{self, Mapping, SqsFunction};
 use crate::http::{self, HttpFunction, RouteSpec};
+use crate::pacing::FunctionTimeout;
 use crate::provision;
 use crate::template::{FunctionSpec, LocalNames, Template};
 
@@ -64,9 +65,14 @@ pub struct StackOptions {
     pub faults: Faults,
     /// Share of processed messages the event source mappings deliver a second time.
     pub duplicate_rate: f64,
-    /// Overrides every queue's visibility timeout (tests use a short one so retries are fast).
+    /// Shortens every queue's visibility timeout (tests use a short one so that retries are
+    /// fast). It is a floor: each receive asks for enough to cover the batching window and the
+    /// function timeout in force, and never more than the queue's own setting.
     pub visibility_timeout: Option<i32>,
-    /// Overrides every function's timeout.
+    /// Shortens every function's timeout. It is a floor too: the timeout in force follows the
+    /// function's recent invocation durations ([`crate::pacing::FunctionTimeout`]), up to the
+    /// template's `Timeout`. Without it (and without `visibility_timeout`), every function has
+    /// the template's timeout, fixed, as on Lambda.
     pub function_timeout: Option<Duration>,
     /// Long-poll wait of the event source mappings.
     pub poll_wait_seconds: i32,
@@ -213,9 +219,11 @@ impl Stack {
             function: id.clone(),
             source,
         };
-        let timeout = opts
-            .function_timeout
-            .unwrap_or(Duration::from_secs(function.timeout_seconds.into()));
+        let template_timeout = Duration::from_secs(function.timeout_seconds.into());
+        let timeout = Arc::new(match opts.function_timeout {
+            Some(floor) => FunctionTimeout::scaled(floor, template_timeout),
+            None => FunctionTimeout::fixed(template_timeout),
+        });
         let clients = &self.clients;
         let sqs_function: Option<SqsFunction> = match function.binary.as_str() {
             "order-api" => {
@@ -237,7 +245,7 @@ impl Stack {
                     })
                     .collect();
                 let (addr, task) =
-                    http::serve(opts.http_addr, routes, f, timeout, shutdown.clone())
+                    http::serve(opts.http_addr, routes, f, timeout.clone(), shutdown.clone())
                         .await
                         .map_err(|source| StackError::Bind {
                             addr: opts.http_addr,
@@ -319,10 +327,8 @@ impl Stack {
             self.pause.insert(function.logical_id.clone(), pause_tx);
             for event in function.sqs_events.iter().filter(|e| e.enabled) {
                 let queue = self.template.queue(&event.queue);
-                let visibility = opts
-                    .visibility_timeout
-                    .or_else(|| queue.and_then(|q| q.visibility_timeout))
-                    .unwrap_or(30);
+                // SQS's default when the template sets none.
+                let queue_visibility = queue.and_then(|q| q.visibility_timeout).unwrap_or(30);
                 let mapping = Mapping {
                     function: function.logical_id.clone(),
                     queue_url: self
@@ -339,9 +345,10 @@ impl Stack {
                         .unwrap_or_default(),
                     batch_size: event.batch_size.clamp(1, 10) as i32,
                     batching_window: Duration::from_secs(event.batching_window_seconds.into()),
-                    visibility_timeout: visibility,
+                    visibility_floor: opts.visibility_timeout.unwrap_or(queue_visibility),
+                    visibility_ceiling: queue_visibility,
                     concurrency: event.maximum_concurrency.unwrap_or(2) as usize,
-                    function_timeout: timeout,
+                    function_timeout: timeout.clone(),
                     duplicate_rate: opts.duplicate_rate,
                     wait_seconds: opts.poll_wait_seconds,
                     region: opts.region.clone(),
