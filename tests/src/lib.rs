@@ -646,12 +646,7 @@ impl TestStack {
 
     /// Whether every work queue and DLQ is empty (nothing visible or in flight).
     pub async fn queues_idle(&self) -> bool {
-        for (dlq, source) in DLQS {
-            if self.queue_depth(source).await + self.queue_depth(dlq).await > 0 {
-                return false;
-            }
-        }
-        true
+        self.backlog().await == 0 && self.dead_letters().await == 0
     }
 }
 
