@@ -71,8 +71,8 @@ pub struct StackOptions {
     pub visibility_timeout: Option<i32>,
     /// Shortens every function's timeout. It is a floor too: the timeout in force follows the
     /// function's recent invocation durations ([`crate::pacing::FunctionTimeout`]), up to the
-    /// template's `Timeout`. Without it (and without `visibility_timeout`), every function has
-    /// the template's timeout, fixed, as on Lambda.
+    /// template's `Timeout`. Without it every function has the template's timeout, fixed, as
+    /// on Lambda (a `visibility_timeout` alone only lowers the visibility floor).
     pub function_timeout: Option<Duration>,
     /// Long-poll wait of the event source mappings.
     pub poll_wait_seconds: i32,
