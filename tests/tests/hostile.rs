@@ -17,6 +17,7 @@ use saga_core::config::{CoordinatorConfig, OrderApiConfig, PaymentConfig, StockC
 use saga_core::domain::{self, StockLine};
 use saga_core::faults::Faults;
 use saga_core::handlers::api::ApiHandler;
+use saga_core::handlers::batch::SqsHandler;
 use saga_core::handlers::{
     coordinator::CoordinatorHandler, payment::PaymentHandler, stock::StockHandler,
 };
@@ -1518,7 +1519,7 @@ async fn when_a_stock_batch_mixes_garbage_and_valid_messages_should_fail_exactly
     .collect();
     let config = StockConfig::load(&lookup(&t, "StockFunction")).unwrap();
     let handler = StockHandler::new(&clients(&t), config, Faults::none());
-    assert_garbage_fails_alone(0, valid, 24, |e| handler.handle(e)).await;
+    assert_garbage_fails_alone(0, valid, 24, |e| async { Ok(handler.handle(e).await?) }).await;
     // However often the valid messages came, stock was reserved once per order.
     assert_eq!(t.product_quantity("p-1").await, 1_000 - 3);
     assert_eq!(t.product_quantity("p-2").await, 1_000 - 1);
@@ -1538,7 +1539,7 @@ async fn when_a_payment_batch_mixes_garbage_and_valid_messages_should_fail_exact
     .collect();
     let config = PaymentConfig::load(&lookup(&t, "PaymentFunction")).unwrap();
     let handler = PaymentHandler::new(&clients(&t), config, Faults::none());
-    assert_garbage_fails_alone(1, valid, 24, |e| handler.handle(e)).await;
+    assert_garbage_fails_alone(1, valid, 24, |e| async { Ok(handler.handle(e).await?) }).await;
     let charges = t
         .ledger()
         .await
@@ -1564,7 +1565,7 @@ async fn when_a_coordinator_batch_mixes_garbage_and_valid_messages_should_fail_e
     .collect();
     let config = CoordinatorConfig::load(&lookup(&t, "CoordinatorFunction")).unwrap();
     let handler = CoordinatorHandler::new(&clients(&t), config, Faults::none());
-    assert_garbage_fails_alone(2, valid, 24, |e| handler.handle(e)).await;
+    assert_garbage_fails_alone(2, valid, 24, |e| async { Ok(handler.handle(e).await?) }).await;
     assert_eq!(t.order(&ids[0]).await["status"], "CONFIRMED");
     assert_eq!(t.order(&ids[1]).await["status"], "CANCELLED");
     t.stop().await;

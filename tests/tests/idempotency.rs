@@ -9,16 +9,18 @@ use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_types::config_bag::ConfigBag;
-use saga_core::adapters::orders::OrderStore;
+use saga_core::adapters::orders::DynamoOrders;
 use saga_core::aws::AwsClients;
 use saga_core::config::OrderApiConfig;
 use saga_core::domain::{self, PlaceOrderRequest};
 use saga_core::faults::{FaultPoint, Faults};
 use saga_core::handlers::api::ApiHandler;
+use saga_core::idempotency::dynamo::DynamoIdempotency;
 use saga_core::idempotency::{
-    self, payload_hash, Claim, ClaimRequest, Existing, IdempotencyRecord, IdempotencyStore,
-    API_KEY_TTL, STATUS_COMPLETED, STATUS_IN_PROGRESS,
+    self, payload_hash, Claim, ClaimRequest, Completed, Existing, Idempotency, IdempotencyRecord,
+    Status, StepKey, API_KEY_TTL,
 };
+use saga_core::ports::Orders;
 use saga_core::time::now_ms;
 use saga_tests::{Reply, TestStack};
 use serde_json::{json, Value};
@@ -80,15 +82,15 @@ impl Intercept for OpCounter {
     }
 }
 
-fn store(t: &TestStack) -> IdempotencyStore {
-    IdempotencyStore::new(
+fn store(t: &TestStack) -> DynamoIdempotency {
+    DynamoIdempotency::new(
         t.stack.clients.dynamodb.clone(),
         t.stack.table("IdempotencyTable"),
     )
 }
 
 /// A store whose client records every DynamoDB operation it sends.
-fn counted_store(t: &TestStack) -> (IdempotencyStore, OpCounter) {
+fn counted_store(t: &TestStack) -> (DynamoIdempotency, OpCounter) {
     let counter = OpCounter::default();
     let config = t
         .stack
@@ -100,12 +102,40 @@ fn counted_store(t: &TestStack) -> (IdempotencyStore, OpCounter) {
         .build();
     let client = aws_sdk_dynamodb::Client::from_conf(config);
     (
-        IdempotencyStore::new(client, t.stack.table("IdempotencyTable")),
+        DynamoIdempotency::new(client, t.stack.table("IdempotencyTable")),
         counter,
     )
 }
 
-fn claim_req<'a>(key: &'a str, hash: &'a str, until_ms: i64, take_over: bool) -> ClaimRequest<'a> {
+/// The step a stored key names (`o-1#charge`, `api#k`).
+fn step(key: &str) -> StepKey<'_> {
+    if let Some(k) = key.strip_prefix("api#") {
+        return StepKey::Api(k);
+    }
+    match key.rsplit_once('#').expect("order#step") {
+        (order, "charge") => StepKey::Charge(order),
+        (order, "refund") => StepKey::Refund(order),
+        (order, "reserve") => StepKey::Reserve(order),
+        (order, "release") => StepKey::Release(order),
+        (_, other) => panic!("no step {other}"),
+    }
+}
+
+fn completed<'a>(key: StepKey<'a>, hash: &'a str, result: &'a str, ttl: Duration) -> Completed<'a> {
+    Completed {
+        key,
+        payload_hash: hash,
+        result,
+        ttl,
+    }
+}
+
+fn claim_req<'a>(
+    key: StepKey<'a>,
+    hash: &'a str,
+    until_ms: i64,
+    take_over: bool,
+) -> ClaimRequest<'a> {
     ClaimRequest {
         key,
         payload_hash: hash,
@@ -136,7 +166,7 @@ async fn stored(t: &TestStack, key: &str) -> Option<IdempotencyRecord> {
         .await
         .expect("get_item")
         .item
-        .map(|item| IdempotencyRecord::from_item(&item).expect("a well-formed record"))
+        .map(|item| serde_dynamo::from_item(item).expect("a well-formed record"))
 }
 
 fn order_body(product: &str, quantity: u64) -> Value {
@@ -198,7 +228,7 @@ async fn when_a_key_is_claimed_twice_should_acquire_once_and_hand_back_the_recor
     let until = now + 60_000;
     let first = ClaimRequest {
         order_id: Some("o-1"),
-        ..claim_req("o-1#charge", "h1", until, false)
+        ..claim_req(step("o-1#charge"), "h1", until, false)
     };
     assert_eq!(s.claim(&first, now).await.unwrap(), Claim::Acquired);
     assert_eq!(ops.take(), ["PutItem"]);
@@ -206,12 +236,12 @@ async fn when_a_key_is_claimed_twice_should_acquire_once_and_hand_back_the_recor
     // The second claim is one conditional put whose failure carries the record (ALL_OLD).
     let second = ClaimRequest {
         order_id: Some("o-other"),
-        ..claim_req("o-1#charge", "h1", now + 120_000, false)
+        ..claim_req(step("o-1#charge"), "h1", now + 120_000, false)
     };
     let record = existing(s.claim(&second, now + 1).await.unwrap());
     assert_eq!(ops.take(), ["PutItem"], "no read besides the put");
     assert_eq!(record.id, "o-1#charge");
-    assert_eq!(record.status, STATUS_IN_PROGRESS);
+    assert_eq!(record.status, Status::InProgress);
     assert_eq!(record.payload_hash, "h1");
     assert_eq!(record.in_progress_until_ms, Some(until));
     assert_eq!(record.order_id.as_deref(), Some("o-1"));
@@ -226,12 +256,15 @@ async fn when_a_key_is_claimed_twice_should_acquire_once_and_hand_back_the_recor
 
     // The same holds for put_completed on a taken key.
     let again = existing(
-        s.put_completed("o-1#charge", "h1", "{}", idempotency::STEP_RECORD_TTL, now)
-            .await
-            .unwrap(),
+        s.put_completed(
+            &completed(step("o-1#charge"), "h1", "{}", idempotency::STEP_RECORD_TTL),
+            now,
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(ops.take(), ["PutItem"]);
-    assert_eq!(again.status, STATUS_IN_PROGRESS);
+    assert_eq!(again.status, Status::InProgress);
     t.stop().await;
 }
 
@@ -243,15 +276,21 @@ async fn when_the_holder_is_past_its_deadline_should_be_taken_over_only_when_all
 
     // A holder that is still within its deadline is never taken over.
     assert_eq!(
-        s.claim(&claim_req("live#charge", "h", now + 60_000, false), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("live#charge"), "h", now + 60_000, false),
+            now
+        )
+        .await
+        .unwrap(),
         Claim::Acquired
     );
     let live = existing(
-        s.claim(&claim_req("live#charge", "h", now + 90_000, true), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("live#charge"), "h", now + 90_000, true),
+            now,
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(live.classify("h", now), Existing::InProgress);
 
@@ -259,7 +298,7 @@ async fn when_the_holder_is_past_its_deadline_should_be_taken_over_only_when_all
     let dead_until = now - 1_000;
     assert_eq!(
         s.claim(
-            &claim_req("dead#charge", "h", dead_until, false),
+            &claim_req(step("dead#charge"), "h", dead_until, false),
             now - 5_000
         )
         .await
@@ -267,9 +306,12 @@ async fn when_the_holder_is_past_its_deadline_should_be_taken_over_only_when_all
         Claim::Acquired
     );
     let refused = existing(
-        s.claim(&claim_req("dead#charge", "h", now + 60_000, false), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("dead#charge"), "h", now + 60_000, false),
+            now,
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(refused.in_progress_until_ms, Some(dead_until));
     assert_eq!(refused.classify("h", now), Existing::InProgressExpired);
@@ -283,22 +325,25 @@ async fn when_the_holder_is_past_its_deadline_should_be_taken_over_only_when_all
     );
 
     assert_eq!(
-        s.claim(&claim_req("dead#charge", "h", now + 60_000, true), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("dead#charge"), "h", now + 60_000, true),
+            now
+        )
+        .await
+        .unwrap(),
         Claim::Acquired
     );
     let taken = stored(&t, "dead#charge").await.unwrap();
-    assert_eq!(taken.status, STATUS_IN_PROGRESS);
+    assert_eq!(taken.status, Status::InProgress);
     assert_eq!(taken.in_progress_until_ms, Some(now + 60_000));
 
     // take_over() names the expiry it saw: a stale view loses.
     assert!(!s
-        .take_over("dead#charge", dead_until, now + 90_000)
+        .take_over(step("dead#charge"), dead_until, now + 90_000)
         .await
         .unwrap());
     assert!(s
-        .take_over("dead#charge", now + 60_000, now + 90_000)
+        .take_over(step("dead#charge"), now + 60_000, now + 90_000)
         .await
         .unwrap());
     assert_eq!(
@@ -310,11 +355,14 @@ async fn when_the_holder_is_past_its_deadline_should_be_taken_over_only_when_all
     );
 
     // expire_claim() makes the next attempt's takeover possible at once.
-    s.expire_claim("dead#charge").await.unwrap();
+    s.expire_claim(step("dead#charge")).await.unwrap();
     let expired = existing(
-        s.claim(&claim_req("dead#charge", "h", now + 60_000, false), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("dead#charge"), "h", now + 60_000, false),
+            now,
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(expired.classify("h", now), Existing::InProgressExpired);
     t.stop().await;
@@ -329,22 +377,28 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
 
     // Claim, act, complete.
     assert_eq!(
-        s.claim(&claim_req("o-2#charge", "h", now - 10, false), now - 20)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("o-2#charge"), "h", now - 10, false),
+            now - 20
+        )
+        .await
+        .unwrap(),
         Claim::Acquired
     );
-    s.complete("o-2#charge", result).await.unwrap();
+    s.complete(step("o-2#charge"), result).await.unwrap();
     let done = stored(&t, "o-2#charge").await.unwrap();
-    assert_eq!(done.status, STATUS_COMPLETED);
+    assert_eq!(done.status, Status::Completed);
     assert_eq!(done.in_progress_until_ms, None, "the deadline is removed");
 
     // Even with takeover allowed and the old deadline long past, a completed record stays.
     for take_over in [false, true] {
         let record = existing(
-            s.claim(&claim_req("o-2#charge", "h", now + 60_000, take_over), now)
-                .await
-                .unwrap(),
+            s.claim(
+                &claim_req(step("o-2#charge"), "h", now + 60_000, take_over),
+                now,
+            )
+            .await
+            .unwrap(),
         );
         assert_eq!(
             record.classify("h", now),
@@ -355,10 +409,12 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
     // A step recorded in one put (the stock transaction's way) replays the same way.
     assert_eq!(
         s.put_completed(
-            "o-2#reserve",
-            "hr",
-            "{\"r\":1}",
-            idempotency::STEP_RECORD_TTL,
+            &completed(
+                step("o-2#reserve"),
+                "hr",
+                "{\"r\":1}",
+                idempotency::STEP_RECORD_TTL
+            ),
             now
         )
         .await
@@ -366,9 +422,12 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
         Claim::Acquired
     );
     let record = existing(
-        s.claim(&claim_req("o-2#reserve", "hr", now + 60_000, true), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("o-2#reserve"), "hr", now + 60_000, true),
+            now,
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(
         record.classify("hr", now),
@@ -377,10 +436,12 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
     assert_eq!(
         existing(
             s.put_completed(
-                "o-2#reserve",
-                "hr",
-                "{\"r\":2}",
-                idempotency::STEP_RECORD_TTL,
+                &completed(
+                    step("o-2#reserve"),
+                    "hr",
+                    "{\"r\":2}",
+                    idempotency::STEP_RECORD_TTL
+                ),
                 now
             )
             .await
@@ -393,7 +454,7 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
     );
 
     // complete() on a key nobody claimed fails rather than inventing a record.
-    assert!(s.complete("nobody#charge", result).await.is_err());
+    assert!(s.complete(step("nobody#charge"), result).await.is_err());
     assert_eq!(stored(&t, "nobody#charge").await, None);
     t.stop().await;
 }
@@ -403,19 +464,27 @@ async fn when_a_key_is_reused_with_another_payload_should_refuse_it_also_on_the_
     let t = TestStack::start().await;
     let s = store(&t);
     let now = now_ms();
-    s.put_completed("o-3#refund", "h-a", "{}", idempotency::STEP_RECORD_TTL, now)
-        .await
-        .unwrap();
+    s.put_completed(
+        &completed(
+            step("o-3#refund"),
+            "h-a",
+            "{}",
+            idempotency::STEP_RECORD_TTL,
+        ),
+        now,
+    )
+    .await
+    .unwrap();
     for take_over in [false, true] {
         let record = existing(
             s.claim(
-                &claim_req("o-3#refund", "h-b", now + 60_000, take_over),
+                &claim_req(step("o-3#refund"), "h-b", now + 60_000, take_over),
                 now,
             )
             .await
             .unwrap(),
         );
-        assert_eq!(record.status, STATUS_COMPLETED);
+        assert_eq!(record.status, Status::Completed);
         assert_eq!(
             record.classify("h-b", now),
             Existing::PayloadMismatch,
@@ -423,13 +492,19 @@ async fn when_a_key_is_reused_with_another_payload_should_refuse_it_also_on_the_
         );
     }
     // In progress, live or expired: the payload still comes first.
-    s.claim(&claim_req("o-3#charge", "h-a", now + 60_000, false), now)
-        .await
-        .unwrap();
+    s.claim(
+        &claim_req(step("o-3#charge"), "h-a", now + 60_000, false),
+        now,
+    )
+    .await
+    .unwrap();
     let live = existing(
-        s.claim(&claim_req("o-3#charge", "h-b", now + 60_000, false), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("o-3#charge"), "h-b", now + 60_000, false),
+            now,
+        )
+        .await
+        .unwrap(),
     );
     assert_eq!(live.classify("h-b", now), Existing::PayloadMismatch);
     assert_eq!(
@@ -445,9 +520,9 @@ async fn when_a_claim_is_released_should_let_a_retry_run_but_never_drop_a_comple
     let t = TestStack::start().await;
     let s = store(&t);
     let now = now_ms();
-    let req = claim_req("o-4#charge", "h", now + 60_000, false);
+    let req = claim_req(step("o-4#charge"), "h", now + 60_000, false);
     assert_eq!(s.claim(&req, now).await.unwrap(), Claim::Acquired);
-    s.release("o-4#charge").await.unwrap();
+    s.release(step("o-4#charge")).await.unwrap();
     assert_eq!(stored(&t, "o-4#charge").await, None);
     assert_eq!(
         s.claim(&req, now).await.unwrap(),
@@ -455,20 +530,22 @@ async fn when_a_claim_is_released_should_let_a_retry_run_but_never_drop_a_comple
         "the retry runs"
     );
 
-    s.complete("o-4#charge", "{\"done\":true}").await.unwrap();
-    s.release("o-4#charge").await.unwrap();
+    s.complete(step("o-4#charge"), "{\"done\":true}")
+        .await
+        .unwrap();
+    s.release(step("o-4#charge")).await.unwrap();
     let kept = stored(&t, "o-4#charge")
         .await
         .expect("completed record kept");
-    assert_eq!(kept.status, STATUS_COMPLETED);
+    assert_eq!(kept.status, Status::Completed);
     assert_eq!(
         existing(s.claim(&req, now).await.unwrap()).classify("h", now),
         Existing::Completed("{\"done\":true}".into())
     );
 
     // Releasing what does not exist is harmless.
-    s.release("never#claimed").await.unwrap();
-    assert_eq!(stored(&t, "never#claimed").await, None);
+    s.release(step("never#charge")).await.unwrap();
+    assert_eq!(stored(&t, "never#charge").await, None);
     t.stop().await;
 }
 
@@ -481,19 +558,25 @@ async fn when_a_record_has_outlived_its_ttl_should_be_treated_as_absent() {
     let ttl = Duration::from_secs(24 * 3600);
 
     // A completed record whose expiresAt passed but which TTL has not deleted yet.
-    s.put_completed("old#charge", "h-old", "{\"old\":1}", ttl, long_ago)
-        .await
-        .unwrap();
+    s.put_completed(
+        &completed(step("old#charge"), "h-old", "{\"old\":1}", ttl),
+        long_ago,
+    )
+    .await
+    .unwrap();
     let lingering = stored(&t, "old#charge").await.expect("not deleted yet");
     assert!(lingering.expires_at < now / 1000, "{lingering:?}");
     assert_eq!(
-        s.claim(&claim_req("old#charge", "h-new", now + 60_000, false), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("old#charge"), "h-new", now + 60_000, false),
+            now
+        )
+        .await
+        .unwrap(),
         Claim::Acquired
     );
     let fresh = stored(&t, "old#charge").await.unwrap();
-    assert_eq!(fresh.status, STATUS_IN_PROGRESS);
+    assert_eq!(fresh.status, Status::InProgress);
     assert_eq!(fresh.payload_hash, "h-new");
     assert_eq!(fresh.result, None);
 
@@ -501,23 +584,26 @@ async fn when_a_record_has_outlived_its_ttl_should_be_treated_as_absent() {
     s.claim(
         &ClaimRequest {
             ttl,
-            ..claim_req("old#refund", "h", long_ago + 1_000, false)
+            ..claim_req(step("old#refund"), "h", long_ago + 1_000, false)
         },
         long_ago,
     )
     .await
     .unwrap();
     assert_eq!(
-        s.claim(&claim_req("old#refund", "h2", now + 60_000, false), now)
-            .await
-            .unwrap(),
+        s.claim(
+            &claim_req(step("old#refund"), "h2", now + 60_000, false),
+            now
+        )
+        .await
+        .unwrap(),
         Claim::Acquired
     );
-    s.put_completed("old#reserve", "h", "{}", ttl, long_ago)
+    s.put_completed(&completed(step("old#reserve"), "h", "{}", ttl), long_ago)
         .await
         .unwrap();
     assert_eq!(
-        s.put_completed("old#reserve", "h2", "{\"n\":2}", ttl, now)
+        s.put_completed(&completed(step("old#reserve"), "h2", "{\"n\":2}", ttl), now)
             .await
             .unwrap(),
         Claim::Acquired
@@ -545,7 +631,7 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
                     let order = format!("o-{i}");
                     let req = ClaimRequest {
                         order_id: Some(order.as_str()),
-                        ..claim_req(key, &hash, now_ms() + 60_000, take_over)
+                        ..claim_req(step(key), &hash, now_ms() + 60_000, take_over)
                     };
                     (i, s.claim(&req, now_ms()).await.unwrap())
                 })
@@ -579,7 +665,7 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
 
     // An abandoned key, with every racer allowed to take it over.
     s.claim(
-        &claim_req("race#refund", "h", now - 1_000, false),
+        &claim_req(step("race#refund"), "h", now - 1_000, false),
         now - 2_000,
     )
     .await
@@ -592,13 +678,16 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
     assert_eq!(won, 1, "{outcomes:?}");
 
     // Explicit takeovers of one expired holder: one wins.
-    s.claim(&claim_req("race#api", "h", now - 1_000, false), now - 2_000)
-        .await
-        .unwrap();
+    s.claim(
+        &claim_req(step("race#api"), "h", now - 1_000, false),
+        now - 2_000,
+    )
+    .await
+    .unwrap();
     let takers = (0..20).map(|i| {
         let s = s.clone();
         tokio::spawn(async move {
-            s.take_over("race#api", now - 1_000, now + 60_000 + i)
+            s.take_over(step("race#api"), now - 1_000, now + 60_000 + i)
                 .await
                 .unwrap()
         })
@@ -715,7 +804,7 @@ async fn when_the_request_holding_a_key_is_still_running_should_answer_409_and_c
         store(&t)
             .claim(
                 &ClaimRequest {
-                    key: "api#key-busy-1",
+                    key: step("api#key-busy-1"),
                     payload_hash: &hash,
                     in_progress_until_ms: now + 120_000,
                     ttl: API_KEY_TTL,
@@ -783,7 +872,7 @@ async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_a
     // What a request that died after its transaction left behind: the order and the claim.
     let order =
         domain::price_order("o-abandoned-1".into(), &request, |_| Some(400), now - 5_000).unwrap();
-    OrderStore::new(
+    DynamoOrders::new(
         t.stack.clients.dynamodb.clone(),
         t.stack.table("OrdersTable"),
     )
@@ -794,7 +883,7 @@ async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_a
     store(&t)
         .claim(
             &ClaimRequest {
-                key: "api#key-crashed-1",
+                key: step("api#key-crashed-1"),
                 payload_hash: &hash,
                 in_progress_until_ms: now - 1_000,
                 ttl: API_KEY_TTL,
@@ -816,7 +905,7 @@ async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_a
     assert_eq!(t.product_quantity("p-i5").await, 7);
     assert_eq!(order_count(&t).await, 1, "no second order");
     let record = stored(&t, "api#key-crashed-1").await.unwrap();
-    assert_eq!(record.status, STATUS_COMPLETED);
+    assert_eq!(record.status, Status::Completed);
     let replay = post(&t, &body, Some("key-crashed-1")).await;
     assert_eq!(replay.status, 202);
     assert_eq!(order_id(&replay), "o-abandoned-1");
@@ -859,7 +948,7 @@ async fn when_the_api_crashed_after_its_write_should_let_the_retry_finish_the_sa
     assert_eq!(orders.len(), 1, "the crash came after the write");
     let written = orders[0]["orderId"].as_s().unwrap().clone();
     let held = stored(&t, "api#key-crash-2").await.unwrap();
-    assert_eq!(held.status, STATUS_IN_PROGRESS);
+    assert_eq!(held.status, Status::InProgress);
     assert_eq!(
         held.in_progress_until_ms,
         Some(deadline),
@@ -917,7 +1006,7 @@ async fn when_sending_the_saga_messages_failed_should_let_the_next_retry_finish_
     let written = written[0]["orderId"].as_s().unwrap().clone();
     // The claim was made expired at once, although its invocation had a minute left.
     let record = stored(&t, "api#key-send-failed-1").await.unwrap();
-    assert_eq!(record.status, STATUS_IN_PROGRESS);
+    assert_eq!(record.status, Status::InProgress);
     assert!(record.in_progress_until_ms.unwrap() < now_ms());
 
     let retry = post(&t, &body, Some("key-send-failed-1")).await;
@@ -968,10 +1057,12 @@ async fn when_a_key_has_outlived_its_24_hours_should_start_a_new_order() {
     // Written 25 hours ago with the API's 24-hour TTL; DynamoDB TTL has not removed it yet.
     store(&t)
         .put_completed(
-            "api#key-old-1",
-            &hash,
-            &stale.to_string(),
-            API_KEY_TTL,
+            &completed(
+                step("api#key-old-1"),
+                &hash,
+                &stale.to_string(),
+                API_KEY_TTL,
+            ),
             now_ms() - 25 * HOUR_MS,
         )
         .await

@@ -7,6 +7,7 @@ use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{Context, LambdaEvent};
 use saga_core::config::{PaymentConfig, StockConfig};
 use saga_core::faults::{FaultPoint, Faults};
+use saga_core::handlers::batch::SqsHandler;
 use saga_core::handlers::{payment::PaymentHandler, stock::StockHandler};
 use saga_tests::{assert_invariants, TestStack};
 use serde_json::json;

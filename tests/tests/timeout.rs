@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use saga_core::adapters::orders::{FactUpdate, OrderStore, Update};
+use saga_core::adapters::orders::DynamoOrders;
 use saga_core::messages::SagaEvent;
+use saga_core::ports::{FactUpdate, Orders, Update};
 use saga_core::saga::Fact;
 use saga_tests::{assert_invariants, TestStack};
 use serde_json::Value;
@@ -151,7 +152,7 @@ async fn when_both_steps_succeeded_but_confirmation_is_not_applied_a_sweep_shoul
     wait_depth(&t, "CoordinatorQueue", 2).await;
     let results = t.drain("CoordinatorQueue").await;
     assert_eq!(results.len(), 2, "{results:?}");
-    let store = OrderStore::new(
+    let store = DynamoOrders::new(
         t.stack.clients.dynamodb.clone(),
         t.stack.table("OrdersTable"),
     );

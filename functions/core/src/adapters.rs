@@ -1,5 +1,7 @@
-//! Adapters: DynamoDB repositories, the SQS publisher, and the payment provider.
+//! Adapters of the ports ([`crate::ports`]): DynamoDB repositories, the SQS publisher, the
+//! simulated payment provider, and in-memory versions of all of them for unit tests.
 pub mod dynamo;
+pub mod memory;
 pub mod orders;
 pub mod payment;
 pub mod products;

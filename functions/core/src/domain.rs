@@ -353,6 +353,16 @@ pub fn price_order(
 }
 
 impl Order {
+    /// The part of the order the saga moves.
+    pub fn saga_state(&self) -> crate::saga::SagaState {
+        crate::saga::SagaState {
+            status: self.status,
+            stock: self.stock_status,
+            payment: self.payment_status,
+            cancel_reason: self.cancel_reason,
+        }
+    }
+
     pub fn stock_lines(&self) -> Vec<StockLine> {
         self.items
             .iter()

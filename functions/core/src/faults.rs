@@ -38,9 +38,16 @@ impl FaultPoint {
 }
 
 /// A simulated crash at a fault point.
+#[cfg(feature = "fault-injection")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("injected crash at fault point {}", .0.name())]
 pub struct Crash(pub FaultPoint);
+
+/// Without the `fault-injection` feature no crash can happen: the type has no value, so the
+/// error variants that carry it cannot be built and production code has no crash path.
+#[cfg(not(feature = "fault-injection"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Crash {}
 
 /// Which fault points fire, and how often (probability per pass, 0.0 to 1.0).
 #[derive(Clone, Default)]

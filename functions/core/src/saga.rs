@@ -46,49 +46,119 @@ pub enum Fact {
     TimedOut,
 }
 
-impl Fact {
-    /// Whether the fact may be applied to `s`. When it may not, the fact was already applied
-    /// (a duplicate) or arrived too late to matter; either way the order is left unchanged.
-    pub fn precondition(&self, s: &SagaState) -> bool {
+/// What a fact, or confirmation, requires of the order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requires {
+    /// The stock step is in this state.
+    Stock(StockStatus),
+    /// The payment step is in this state.
+    Payment(PaymentStatus),
+    /// The order is pending and not both steps have succeeded (what a timeout may cancel).
+    PendingIncomplete,
+    /// The order is pending and both steps have succeeded (what confirmation requires).
+    PendingComplete,
+}
+
+impl Requires {
+    pub fn holds(self, s: &SagaState) -> bool {
+        let complete = s.stock == StockStatus::Reserved && s.payment == PaymentStatus::Charged;
         match self {
-            Fact::StockReserved | Fact::StockRejected(_) => s.stock == StockStatus::Pending,
-            Fact::StockReleased => s.stock == StockStatus::Reserved,
-            Fact::PaymentCharged | Fact::PaymentDeclined => s.payment == PaymentStatus::Pending,
-            Fact::PaymentRefunded => s.payment == PaymentStatus::Charged,
-            Fact::TimedOut => {
-                s.status == OrderStatus::Pending
-                    && !(s.stock == StockStatus::Reserved && s.payment == PaymentStatus::Charged)
-            }
+            Requires::Stock(status) => s.stock == status,
+            Requires::Payment(status) => s.payment == status,
+            Requires::PendingIncomplete => s.status == OrderStatus::Pending && !complete,
+            Requires::PendingComplete => s.status == OrderStatus::Pending && complete,
         }
     }
 }
 
-/// Applies a fact; `None` when its precondition does not hold.
+/// A step's new state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Stock(StockStatus),
+    Payment(PaymentStatus),
+}
+
+/// What applying a fact means: its precondition, the step state it sets, and the reason it
+/// cancels a still-pending order for. The DynamoDB adapter writes exactly this as one
+/// conditional update, so the rules live here and nowhere else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub requires: Requires,
+    pub sets: Option<Step>,
+    pub cancels: Option<CancelReason>,
+}
+
+impl Fact {
+    pub fn transition(&self) -> Transition {
+        let (requires, sets, cancels) = match self {
+            Fact::StockReserved => (
+                Requires::Stock(StockStatus::Pending),
+                Some(Step::Stock(StockStatus::Reserved)),
+                None,
+            ),
+            Fact::StockRejected(reason) => (
+                Requires::Stock(StockStatus::Pending),
+                Some(Step::Stock(StockStatus::Rejected)),
+                Some(*reason),
+            ),
+            Fact::StockReleased => (
+                Requires::Stock(StockStatus::Reserved),
+                Some(Step::Stock(StockStatus::Released)),
+                None,
+            ),
+            Fact::PaymentCharged => (
+                Requires::Payment(PaymentStatus::Pending),
+                Some(Step::Payment(PaymentStatus::Charged)),
+                None,
+            ),
+            Fact::PaymentDeclined => (
+                Requires::Payment(PaymentStatus::Pending),
+                Some(Step::Payment(PaymentStatus::Declined)),
+                Some(CancelReason::PaymentDeclined),
+            ),
+            Fact::PaymentRefunded => (
+                Requires::Payment(PaymentStatus::Charged),
+                Some(Step::Payment(PaymentStatus::Refunded)),
+                None,
+            ),
+            Fact::TimedOut => (
+                Requires::PendingIncomplete,
+                None,
+                Some(CancelReason::Timeout),
+            ),
+        };
+        Transition {
+            requires,
+            sets,
+            cancels,
+        }
+    }
+
+    /// Whether the fact may be applied to `s`. When it may not, the fact was already applied
+    /// (a duplicate) or arrived too late to matter; either way the order is left unchanged.
+    pub fn precondition(&self, s: &SagaState) -> bool {
+        self.transition().requires.holds(s)
+    }
+}
+
+/// Applies a fact; `None` when its precondition does not hold. A fact that cancels cancels
+/// only a pending order; on an order already final it only records its step.
 pub fn apply(s: &SagaState, fact: &Fact) -> Option<SagaState> {
-    if !fact.precondition(s) {
+    let t = fact.transition();
+    if !t.requires.holds(s) {
         return None;
     }
     let mut next = s.clone();
-    let cancel = |reason: CancelReason, next: &mut SagaState| {
+    match t.sets {
+        Some(Step::Stock(status)) => next.stock = status,
+        Some(Step::Payment(status)) => next.payment = status,
+        None => {}
+    }
+    if let Some(reason) = t.cancels {
         if next.status == OrderStatus::Pending {
             next.status = OrderStatus::Cancelled;
             next.cancel_reason = Some(reason);
         }
-    };
-    match fact {
-        Fact::StockReserved => next.stock = StockStatus::Reserved,
-        Fact::StockRejected(reason) => {
-            next.stock = StockStatus::Rejected;
-            cancel(*reason, &mut next);
-        }
-        Fact::StockReleased => next.stock = StockStatus::Released,
-        Fact::PaymentCharged => next.payment = PaymentStatus::Charged,
-        Fact::PaymentDeclined => {
-            next.payment = PaymentStatus::Declined;
-            cancel(CancelReason::PaymentDeclined, &mut next);
-        }
-        Fact::PaymentRefunded => next.payment = PaymentStatus::Refunded,
-        Fact::TimedOut => cancel(CancelReason::Timeout, &mut next),
     }
     Some(next)
 }
@@ -105,9 +175,7 @@ pub struct FollowUps {
 
 pub fn follow_ups(s: &SagaState) -> FollowUps {
     FollowUps {
-        confirm: s.status == OrderStatus::Pending
-            && s.stock == StockStatus::Reserved
-            && s.payment == PaymentStatus::Charged,
+        confirm: Requires::PendingComplete.holds(s),
         release_stock: s.status == OrderStatus::Cancelled && s.stock == StockStatus::Reserved,
         refund_payment: s.status == OrderStatus::Cancelled && s.payment == PaymentStatus::Charged,
     }

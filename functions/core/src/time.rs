@@ -19,6 +19,16 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// The invocation's deadline (epoch ms) from Lambda's context (`ctx_deadline_ms`, 0 when
+/// there is none, as in a hand-made event), or `fallback_ms` from now.
+pub fn deadline_ms(ctx_deadline_ms: u64, fallback_ms: i64) -> i64 {
+    if ctx_deadline_ms > 0 {
+        ctx_deadline_ms as i64
+    } else {
+        now_ms() + fallback_ms
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

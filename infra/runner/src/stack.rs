@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use saga_core::aws::AwsClients;
-use saga_core::config::{
-    CoordinatorConfig, OrderApiConfig, PaymentConfig, StockConfig, SweeperConfig,
-};
+use saga_core::config::{ConfigError, Lookup};
 use saga_core::faults::Faults;
+use saga_core::handlers::batch::SqsHandler;
 use saga_core::handlers::{
     api::ApiHandler, coordinator::CoordinatorHandler, payment::PaymentHandler, stock::StockHandler,
-    sweeper::SweeperHandler,
+    sweeper::SweeperHandler, Function,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -148,6 +147,19 @@ pub async fn local_clients_counted(
     }
 }
 
+/// An SQS function's handler, as the event source mappings call it.
+fn sqs_function<H: Function + SqsHandler>(
+    clients: &AwsClients,
+    env: &impl Lookup,
+    opts: &StackOptions,
+) -> Result<SqsFunction, ConfigError> {
+    let handler = Arc::new(H::from_env(clients, env, opts.faults.clone())?);
+    Ok(Arc::new(move |event| {
+        let handler = handler.clone();
+        async move { Ok(handler.handle(event).await?) }.boxed()
+    }))
+}
+
 /// A running stack.
 pub struct Stack {
     pub template: Template,
@@ -227,11 +239,10 @@ impl Stack {
         let clients = &self.clients;
         let sqs_function: Option<SqsFunction> = match function.binary.as_str() {
             "order-api" => {
-                let handler = Arc::new(ApiHandler::new(
-                    clients,
-                    OrderApiConfig::load(&lookup).map_err(config_error)?,
-                    opts.faults.clone(),
-                ));
+                let handler = Arc::new(
+                    ApiHandler::from_env(clients, &lookup, opts.faults.clone())
+                        .map_err(config_error)?,
+                );
                 let f: HttpFunction = Arc::new(move |req| {
                     let handler = handler.clone();
                     async move { handler.handle(req).await }.boxed()
@@ -256,43 +267,19 @@ impl Stack {
                 None
             }
             "stock" => {
-                let h = Arc::new(StockHandler::new(
-                    clients,
-                    StockConfig::load(&lookup).map_err(config_error)?,
-                    opts.faults.clone(),
-                ));
-                Some(Arc::new(move |e| {
-                    let h = h.clone();
-                    async move { h.handle(e).await }.boxed()
-                }))
+                Some(sqs_function::<StockHandler>(clients, &lookup, opts).map_err(config_error)?)
             }
             "payment" => {
-                let h = Arc::new(PaymentHandler::new(
-                    clients,
-                    PaymentConfig::load(&lookup).map_err(config_error)?,
-                    opts.faults.clone(),
-                ));
-                Some(Arc::new(move |e| {
-                    let h = h.clone();
-                    async move { h.handle(e).await }.boxed()
-                }))
+                Some(sqs_function::<PaymentHandler>(clients, &lookup, opts).map_err(config_error)?)
             }
-            "coordinator" => {
-                let h = Arc::new(CoordinatorHandler::new(
-                    clients,
-                    CoordinatorConfig::load(&lookup).map_err(config_error)?,
-                    opts.faults.clone(),
-                ));
-                Some(Arc::new(move |e| {
-                    let h = h.clone();
-                    async move { h.handle(e).await }.boxed()
-                }))
-            }
+            "coordinator" => Some(
+                sqs_function::<CoordinatorHandler>(clients, &lookup, opts).map_err(config_error)?,
+            ),
             "sweeper" => {
-                let h = Arc::new(SweeperHandler::new(
-                    clients,
-                    SweeperConfig::load(&lookup).map_err(config_error)?,
-                ));
+                let h = Arc::new(
+                    SweeperHandler::from_env(clients, &lookup, Faults::none())
+                        .map_err(config_error)?,
+                );
                 self.sweeper = Some(h.clone());
                 let every = opts.sweep_every.or_else(|| {
                     function

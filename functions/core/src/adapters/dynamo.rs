@@ -47,37 +47,14 @@ pub fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-pub fn get_s(item: &Item, name: &str) -> Result<String, StoreError> {
-    get_s_opt(item, name)?
-        .ok_or_else(|| StoreError::Corrupt(format!("attribute {name} is missing")))
-}
-
-pub fn get_s_opt(item: &Item, name: &str) -> Result<Option<String>, StoreError> {
-    match item.get(name) {
-        None | Some(AttributeValue::Null(_)) => Ok(None),
-        Some(AttributeValue::S(v)) => Ok(Some(v.clone())),
-        Some(_) => Err(StoreError::Corrupt(format!(
-            "attribute {name} is not a string"
-        ))),
-    }
-}
-
-pub fn get_n_opt(item: &Item, name: &str) -> Result<Option<i64>, StoreError> {
-    match item.get(name) {
-        None | Some(AttributeValue::Null(_)) => Ok(None),
-        Some(AttributeValue::N(v)) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| StoreError::Corrupt(format!("attribute {name} is not an integer"))),
-        Some(_) => Err(StoreError::Corrupt(format!(
-            "attribute {name} is not a number"
-        ))),
-    }
-}
-
 /// Maps a stored item to a type with serde_dynamo.
 pub fn from_item<T: serde::de::DeserializeOwned>(item: Item) -> Result<T, StoreError> {
     serde_dynamo::from_item(item).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A value (an enum, typically) as the attribute serde_dynamo stores it as.
+pub fn to_value<T: serde::Serialize>(value: &T) -> AttributeValue {
+    serde_dynamo::to_attribute_value(value).expect("plain values always map to an attribute")
 }
 
 pub fn to_item<T: serde::Serialize>(value: &T) -> Result<Item, StoreError> {

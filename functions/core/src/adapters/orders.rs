@@ -9,75 +9,28 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
 };
+use serde::Deserialize;
 use std::collections::HashMap;
 
-use super::dynamo::{self, s, Item, StoreError};
-use crate::domain::{CancelReason, Order};
-use crate::saga::Fact;
+use super::dynamo::{self, s, to_value, Item, StoreError};
+use crate::domain::{CancelReason, Order, OrderStatus, PaymentStatus, StockStatus};
+use crate::idempotency::dynamo::{existing_from_reason, DynamoIdempotency};
+use crate::idempotency::{Claim, ClaimRequest};
+use crate::ports::{CreateError, FactUpdate, Orders, Update};
+use crate::saga::{Requires, Step};
 
 #[derive(Clone, Debug)]
-pub struct OrderStore {
+pub struct DynamoOrders {
     client: aws_sdk_dynamodb::Client,
     table: String,
-}
-
-/// Why an order and its companion record were not created.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateError {
-    /// The companion record's condition failed: here is the record that stands (ALL_OLD).
-    #[error("the companion record already exists")]
-    OtherRecordExists(aws_sdk_dynamodb::types::CancellationReason),
-    /// Another transaction on the same items was in flight (a concurrent duplicate).
-    #[error("a concurrent transaction touched the same items")]
-    Conflict,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// The result of a conditional update on an order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Update {
-    /// The update was applied; the order as it is now.
-    Applied(Order),
-    /// The condition did not hold; the order as it is (unchanged).
-    NotApplicable(Order),
-    /// There is no such order.
-    NotFound,
-}
-
-impl Update {
-    pub fn order(&self) -> Option<&Order> {
-        match self {
-            Update::Applied(o) | Update::NotApplicable(o) => Some(o),
-            Update::NotFound => None,
-        }
-    }
-}
-
-/// A fact with the data it carries onto the order.
-#[derive(Clone, Debug)]
-pub struct FactUpdate {
-    pub fact: Fact,
-    pub payment_id: Option<String>,
-    pub cancel_detail: Option<String>,
-    pub cancel_product_id: Option<String>,
-    /// For [`Fact::TimedOut`]: only orders created before this instant are cancelled.
-    pub cutoff_ms: Option<i64>,
-}
-
-impl FactUpdate {
-    pub fn new(fact: Fact) -> Self {
-        Self {
-            fact,
-            payment_id: None,
-            cancel_detail: None,
-            cancel_product_id: None,
-            cutoff_ms: None,
-        }
-    }
+    /// The sparse index of pending orders the sweeper queries.
+    pending_index: Option<String>,
+    /// Where API idempotency claims go, in the same transaction as the order.
+    idempotency: Option<DynamoIdempotency>,
 }
 
 /// An update expression under construction.
+#[derive(Clone)]
 struct Expr {
     set: Vec<String>,
     remove: Vec<&'static str>,
@@ -93,8 +46,7 @@ impl Expr {
             condition: vec![],
             values: HashMap::new(),
         };
-        e.values
-            .insert(":now".into(), s(crate::time::rfc3339(now_ms)));
+        e.value(":now", s(crate::time::rfc3339(now_ms)));
         e
     }
 
@@ -109,15 +61,50 @@ impl Expr {
     }
 
     fn when(&mut self, clause: impl Into<String>) -> &mut Self {
-        self.condition.push(clause.into());
+        let clause = clause.into();
+        if !self.condition.contains(&clause) {
+            self.condition.push(clause);
+        }
         self
     }
 
+    /// The condition for a state the saga requires ([`Requires`]).
+    fn requires(&mut self, r: Requires) -> &mut Self {
+        match r {
+            Requires::Stock(from) => self
+                .when("stockStatus = :from")
+                .value(":from", to_value(&from)),
+            Requires::Payment(from) => self
+                .when("paymentStatus = :from")
+                .value(":from", to_value(&from)),
+            Requires::PendingIncomplete | Requires::PendingComplete => {
+                self.when("#status = :pending")
+                    .value(":pending", to_value(&OrderStatus::Pending))
+                    .value(":reserved", to_value(&StockStatus::Reserved))
+                    .value(":charged", to_value(&PaymentStatus::Charged));
+                let both = "stockStatus = :reserved AND paymentStatus = :charged";
+                if r == Requires::PendingComplete {
+                    self.when(both)
+                } else {
+                    self.when(format!("NOT ({both})"))
+                }
+            }
+        }
+    }
+
+    fn sets(&mut self, step: Step) -> &mut Self {
+        match step {
+            Step::Stock(to) => self.set("stockStatus = :to").value(":to", to_value(&to)),
+            Step::Payment(to) => self.set("paymentStatus = :to").value(":to", to_value(&to)),
+        }
+    }
+
+    /// Cancels the order, if it is still pending, and takes it out of the sweeper's index.
     fn cancel(&mut self, reason: CancelReason, detail: Option<&str>, product: Option<&str>) {
         self.set("#status = :cancelled")
             .set("cancelReason = :reason")
-            .value(":cancelled", s("CANCELLED"))
-            .value(":reason", s(reason.as_str()));
+            .value(":cancelled", to_value(&OrderStatus::Cancelled))
+            .value(":reason", to_value(&reason));
         if let Some(detail) = detail {
             self.set("cancelDetail = :detail")
                 .value(":detail", s(detail));
@@ -127,17 +114,38 @@ impl Expr {
                 .value(":product", s(product));
         }
         self.remove.push("pendingSweep");
-        self.when("#status = :pendingStatus")
-            .value(":pendingStatus", s("PENDING"));
+        self.when("#status = :pending")
+            .value(":pending", to_value(&OrderStatus::Pending));
     }
 }
 
-impl OrderStore {
+/// An order id from the pending index (keys only).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OrderKey {
+    order_id: String,
+}
+
+impl DynamoOrders {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
         Self {
             client,
             table: table.into(),
+            pending_index: None,
+            idempotency: None,
         }
+    }
+
+    /// The index [`Orders::pending_before`] queries.
+    pub fn with_pending_index(mut self, index: impl Into<String>) -> Self {
+        self.pending_index = Some(index.into());
+        self
+    }
+
+    /// Where [`Orders::create_claimed`] puts its claims.
+    pub fn with_idempotency(mut self, idempotency: DynamoIdempotency) -> Self {
+        self.idempotency = Some(idempotency);
+        self
     }
 
     pub fn table(&self) -> &str {
@@ -145,7 +153,7 @@ impl OrderStore {
     }
 
     /// The conditional put that creates an order (never overwrites one).
-    pub fn create_put(&self, order: &Order) -> Result<Put, StoreError> {
+    fn create_put(&self, order: &Order) -> Result<Put, StoreError> {
         Ok(Put::builder()
             .table_name(&self.table)
             .set_item(Some(dynamo::to_item(order)?))
@@ -153,8 +161,10 @@ impl OrderStore {
             .build()
             .expect("table and item are set"))
     }
+}
 
-    pub async fn create(&self, order: &Order) -> Result<(), StoreError> {
+impl Orders for DynamoOrders {
+    async fn create(&self, order: &Order) -> Result<(), StoreError> {
         let put = self.create_put(order)?;
         self.client
             .put_item()
@@ -167,12 +177,23 @@ impl OrderStore {
         Ok(())
     }
 
-    /// Creates the order and another record (an idempotency claim) in one transaction.
-    pub async fn create_with(&self, order: &Order, other: Put) -> Result<(), CreateError> {
+    async fn create_claimed(
+        &self,
+        order: &Order,
+        claim: &ClaimRequest<'_>,
+        now_ms: i64,
+    ) -> Result<Claim, CreateError> {
+        let idempotency = self.idempotency.as_ref().ok_or(StoreError::Corrupt(
+            "the orders adapter has no idempotency table".into(),
+        ))?;
         let result = self
             .client
             .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(other).build())
+            .transact_items(
+                TransactWriteItem::builder()
+                    .put(idempotency.claim_put(claim, now_ms)?)
+                    .build(),
+            )
             .transact_items(
                 TransactWriteItem::builder()
                     .put(self.create_put(order)?)
@@ -181,14 +202,16 @@ impl OrderStore {
             .send()
             .await;
         let err = match result {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(Claim::Acquired),
             Err(err) => err.into_service_error(),
         };
         if let TransactWriteItemsError::TransactionCanceledException(e) = &err {
             let reasons = e.cancellation_reasons.clone().unwrap_or_default();
-            let code = |i: usize| reasons.get(i).and_then(|r| r.code.as_deref());
-            if code(0) == Some("ConditionalCheckFailed") {
-                return Err(CreateError::OtherRecordExists(reasons[0].clone()));
+            if let Some(first) = reasons
+                .first()
+                .filter(|r| r.code.as_deref() == Some("ConditionalCheckFailed"))
+            {
+                return Ok(Claim::Existing(existing_from_reason(first)?));
             }
             if reasons
                 .iter()
@@ -203,7 +226,7 @@ impl OrderStore {
         )))
     }
 
-    pub async fn get(&self, order_id: &str) -> Result<Option<Order>, StoreError> {
+    async fn get(&self, order_id: &str) -> Result<Option<Order>, StoreError> {
         let out = self
             .client
             .get_item()
@@ -216,97 +239,91 @@ impl OrderStore {
         out.item.map(dynamo::from_item).transpose()
     }
 
-    /// Applies a saga fact: one conditional update (two for a failure that arrives after the
-    /// order was already cancelled for another reason).
-    pub async fn apply(
+    async fn apply(
         &self,
         order_id: &str,
         update: &FactUpdate,
         now_ms: i64,
     ) -> Result<Update, StoreError> {
+        let t = update.fact.transition();
         let mut e = Expr::new(now_ms);
-        let cancels = match &update.fact {
-            Fact::StockReserved => {
-                e.set("stockStatus = :to").value(":to", s("RESERVED"));
-                e.when("stockStatus = :from").value(":from", s("PENDING"));
-                None
-            }
-            Fact::StockRejected(reason) => {
-                e.set("stockStatus = :to").value(":to", s("REJECTED"));
-                e.when("stockStatus = :from").value(":from", s("PENDING"));
-                Some(*reason)
-            }
-            Fact::StockReleased => {
-                e.set("stockStatus = :to").value(":to", s("RELEASED"));
-                e.when("stockStatus = :from").value(":from", s("RESERVED"));
-                None
-            }
-            Fact::PaymentCharged => {
-                e.set("paymentStatus = :to").value(":to", s("CHARGED"));
-                e.when("paymentStatus = :from").value(":from", s("PENDING"));
-                if let Some(id) = &update.payment_id {
-                    e.set("paymentId = :paymentId").value(":paymentId", s(id));
-                }
-                None
-            }
-            Fact::PaymentDeclined => {
-                e.set("paymentStatus = :to").value(":to", s("DECLINED"));
-                e.when("paymentStatus = :from").value(":from", s("PENDING"));
-                Some(CancelReason::PaymentDeclined)
-            }
-            Fact::PaymentRefunded => {
-                e.set("paymentStatus = :to").value(":to", s("REFUNDED"));
-                e.when("paymentStatus = :from").value(":from", s("CHARGED"));
-                None
-            }
-            Fact::TimedOut => {
-                e.cancel(CancelReason::Timeout, update.cancel_detail.as_deref(), None);
-                e.when("createdAtMs < :cutoff")
-                    .value(":cutoff", dynamo::n(update.cutoff_ms.unwrap_or(i64::MIN)));
-                e.when("NOT (stockStatus = :reserved AND paymentStatus = :charged)")
-                    .value(":reserved", s("RESERVED"))
-                    .value(":charged", s("CHARGED"));
-                return self.update(order_id, e, "timeout_order").await;
-            }
-        };
-        let Some(reason) = cancels else {
+        e.requires(t.requires);
+        if let Some(step) = t.sets {
+            e.sets(step);
+        }
+        if let Some(id) = &update.payment_id {
+            e.set("paymentId = :paymentId").value(":paymentId", s(id));
+        }
+        if let Some(cutoff) = update.cutoff_ms {
+            e.when("createdAtMs < :cutoff")
+                .value(":cutoff", dynamo::n(cutoff));
+        }
+        let Some(reason) = t.cancels else {
             return self.update(order_id, e, "apply_fact").await;
         };
         // A failure cancels the order if it is still pending; if it is not (already cancelled
         // for another reason, or a late failure), only the step's own status is recorded.
-        let plain = Expr {
-            set: e.set.clone(),
-            remove: e.remove.clone(),
-            condition: e.condition.clone(),
-            values: e.values.clone(),
-        };
+        let plain = t.sets.map(|_| e.clone());
         e.cancel(
             reason,
             update.cancel_detail.as_deref(),
             update.cancel_product_id.as_deref(),
         );
-        match self.update(order_id, e, "apply_failure").await? {
-            Update::NotApplicable(current) if update.fact.precondition(&current.saga_state()) => {
+        match (self.update(order_id, e, "apply_failure").await?, plain) {
+            (Update::NotApplicable(current), Some(plain))
+                if update.fact.precondition(&current.saga_state()) =>
+            {
                 self.update(order_id, plain, "apply_late_failure").await
             }
-            other => Ok(other),
+            (other, _) => Ok(other),
         }
     }
 
-    /// Confirms an order whose stock is reserved and payment charged, if it is still pending.
-    pub async fn confirm(&self, order_id: &str, now_ms: i64) -> Result<Update, StoreError> {
+    async fn confirm(&self, order_id: &str, now_ms: i64) -> Result<Update, StoreError> {
         let mut e = Expr::new(now_ms);
         e.set("#status = :confirmed")
-            .value(":confirmed", s("CONFIRMED"));
+            .value(":confirmed", to_value(&OrderStatus::Confirmed));
         e.remove.push("pendingSweep");
-        e.when("#status = :pendingStatus")
-            .value(":pendingStatus", s("PENDING"));
-        e.when("stockStatus = :reserved AND paymentStatus = :charged")
-            .value(":reserved", s("RESERVED"))
-            .value(":charged", s("CHARGED"));
+        e.requires(Requires::PendingComplete);
         self.update(order_id, e, "confirm_order").await
     }
 
+    async fn pending_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let index = self.pending_index.as_deref().ok_or(StoreError::Corrupt(
+            "the orders adapter has no pending-orders index".into(),
+        ))?;
+        let mut ids = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(index)
+                .key_condition_expression("pendingSweep = :pending AND createdAtMs < :cutoff")
+                .expression_attribute_values(":pending", s(crate::domain::PENDING_SWEEP))
+                .expression_attribute_values(":cutoff", dynamo::n(cutoff_ms))
+                .set_exclusive_start_key(start.take())
+                .limit((limit - ids.len()).min(1000) as i32)
+                .send()
+                .await
+                .map_err(|e| StoreError::sdk("query_pending", e.into_service_error()))?;
+            for item in out.items.unwrap_or_default() {
+                ids.push(dynamo::from_item::<OrderKey>(item)?.order_id);
+            }
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() && ids.len() < limit => start = Some(key),
+                _ => return Ok(ids),
+            }
+        }
+    }
+}
+
+impl DynamoOrders {
     async fn update(
         &self,
         order_id: &str,
@@ -350,51 +367,6 @@ impl OrderStore {
                 },
                 other => Err(StoreError::sdk(op, other)),
             },
-        }
-    }
-
-    /// Ids of orders still pending that were created before `cutoff_ms`, oldest first, from the
-    /// sparse pending-orders index (a query, never a scan). At most `limit` ids.
-    pub async fn pending_before(
-        &self,
-        index: &str,
-        cutoff_ms: i64,
-        limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut ids = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(index)
-                .key_condition_expression("pendingSweep = :pending AND createdAtMs < :cutoff")
-                .expression_attribute_values(":pending", s(crate::domain::PENDING_SWEEP))
-                .expression_attribute_values(":cutoff", dynamo::n(cutoff_ms))
-                .set_exclusive_start_key(start.take())
-                .limit((limit - ids.len()).min(1000) as i32)
-                .send()
-                .await
-                .map_err(|e| StoreError::sdk("query_pending", e.into_service_error()))?;
-            for item in out.items.unwrap_or_default() {
-                ids.push(dynamo::get_s(&item, "orderId")?);
-            }
-            match out.last_evaluated_key {
-                Some(key) if !key.is_empty() && ids.len() < limit => start = Some(key),
-                _ => return Ok(ids),
-            }
-        }
-    }
-}
-
-impl Order {
-    pub fn saga_state(&self) -> crate::saga::SagaState {
-        crate::saga::SagaState {
-            status: self.status,
-            stock: self.stock_status,
-            payment: self.payment_status,
-            cancel_reason: self.cancel_reason,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The payment provider port, and the simulator shipped in its place.
+//! The payment provider's requests and outcomes, and the simulator shipped in place of a real
+//! provider (the port is [`crate::ports::PaymentProvider`]).
 //!
 //! Every call carries an idempotency key derived from the order (`{orderId}#charge`,
 //! `{orderId}#refund`), as real providers accept: a call repeated after a crash in the middle
@@ -7,9 +8,9 @@
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 use serde::{Deserialize, Serialize};
-use std::future::Future;
 
 use super::dynamo::{self, StoreError};
+use crate::ports::PaymentProvider;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargeRequest<'a> {
@@ -55,18 +56,6 @@ impl From<StoreError> for ProviderError {
     }
 }
 
-/// A payment provider. Implement this for a real one (Stripe, Adyen, ...).
-pub trait PaymentProvider: Send + Sync {
-    fn charge(
-        &self,
-        req: ChargeRequest<'_>,
-    ) -> impl Future<Output = Result<ChargeOutcome, ProviderError>> + Send;
-    fn refund(
-        &self,
-        req: RefundRequest<'_>,
-    ) -> impl Future<Output = Result<RefundOutcome, ProviderError>> + Send;
-}
-
 /// Always approved (unless a random decline hits).
 pub const TOKEN_VISA: &str = "tok_visa";
 /// Always declined.
@@ -83,12 +72,18 @@ pub struct SimulatedProvider {
     failure_rate: f64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LedgerKind {
+    Charge,
+    Refund,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LedgerEntry {
     pub idempotency_key: String,
-    /// `CHARGE` or `REFUND`.
-    pub kind: String,
+    pub kind: LedgerKind,
     pub order_id: String,
     pub amount_cents: u64,
     pub charge: Option<ChargeOutcome>,
@@ -153,7 +148,7 @@ impl PaymentProvider for SimulatedProvider {
         let entry = self
             .record(LedgerEntry {
                 idempotency_key: req.idempotency_key.into(),
-                kind: "CHARGE".into(),
+                kind: LedgerKind::Charge,
                 order_id: req.order_id.into(),
                 amount_cents: req.amount_cents,
                 charge: Some(outcome),
@@ -170,7 +165,7 @@ impl PaymentProvider for SimulatedProvider {
         let entry = self
             .record(LedgerEntry {
                 idempotency_key: req.idempotency_key.into(),
-                kind: "REFUND".into(),
+                kind: LedgerKind::Refund,
                 order_id: req.order_id.into(),
                 amount_cents: req.amount_cents,
                 charge: None,

@@ -1,13 +1,15 @@
 //! The products table: a product's name, price and available stock.
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::KeysAndAttributes;
+use serde::Deserialize;
 use std::collections::HashMap;
 
 use super::dynamo::{self, s, StoreError};
 use crate::domain::Product;
+use crate::ports::Products;
 
 #[derive(Clone, Debug)]
-pub struct ProductStore {
+pub struct DynamoProducts {
     client: aws_sdk_dynamodb::Client,
     table: String,
 }
@@ -15,7 +17,15 @@ pub struct ProductStore {
 /// How many times unprocessed keys of a batch read are retried before giving up.
 const BATCH_GET_ATTEMPTS: u32 = 5;
 
-impl ProductStore {
+/// The projection a price lookup reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Price {
+    product_id: String,
+    price_cents: u64,
+}
+
+impl DynamoProducts {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
         Self {
             client,
@@ -26,9 +36,11 @@ impl ProductStore {
     pub fn table(&self) -> &str {
         &self.table
     }
+}
 
+impl Products for DynamoProducts {
     /// Creates or replaces a product, setting its available stock.
-    pub async fn put(&self, product: &Product) -> Result<(), StoreError> {
+    async fn put(&self, product: &Product) -> Result<(), StoreError> {
         self.client
             .put_item()
             .table_name(&self.table)
@@ -39,7 +51,7 @@ impl ProductStore {
         Ok(())
     }
 
-    pub async fn get(&self, product_id: &str) -> Result<Option<Product>, StoreError> {
+    async fn get(&self, product_id: &str) -> Result<Option<Product>, StoreError> {
         let out = self
             .client
             .get_item()
@@ -54,7 +66,7 @@ impl ProductStore {
 
     /// Current prices of the given products, in one `BatchGetItem` (plus retries of any
     /// unprocessed keys). Unknown products are absent from the map.
-    pub async fn prices(&self, product_ids: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+    async fn prices(&self, product_ids: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
         let keys = product_ids
             .iter()
             .map(|id| HashMap::from([("productId".to_string(), s(*id))]))
@@ -85,14 +97,8 @@ impl ProductStore {
                 .and_then(|mut r| r.remove(&self.table))
                 .unwrap_or_default()
             {
-                let id = dynamo::get_s(&item, "productId")?;
-                let price = match item.get("priceCents") {
-                    Some(AttributeValue::N(n)) => n.parse().map_err(|_| {
-                        StoreError::Corrupt(format!("price of {id} is not a whole number"))
-                    })?,
-                    _ => return Err(StoreError::Corrupt(format!("product {id} has no price"))),
-                };
-                prices.insert(id, price);
+                let price: Price = dynamo::from_item(item)?;
+                prices.insert(price.product_id, price.price_cents);
             }
             request = out
                 .unprocessed_keys

@@ -1,8 +1,10 @@
-//! Sending saga messages to SQS.
+//! Sending saga messages to SQS: the [`Publish`] port on `SendMessage` and
+//! `SendMessageBatch`.
 
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use serde::Serialize;
+
+use crate::ports::Publish;
 
 #[derive(Debug, thiserror::Error)]
 #[error("SQS {op} to {queue_url} failed: {code}: {message}")]
@@ -13,58 +15,50 @@ pub struct PublishError {
     pub message: String,
 }
 
+impl PublishError {
+    fn sdk(op: &'static str, queue_url: &str, e: impl ProvideErrorMetadata) -> Self {
+        PublishError {
+            op,
+            queue_url: queue_url.into(),
+            code: e.code().unwrap_or("Unknown").into(),
+            message: e.message().unwrap_or_default().into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
-pub struct Publisher {
+pub struct SqsPublisher {
     client: aws_sdk_sqs::Client,
 }
 
-impl Publisher {
+impl SqsPublisher {
     pub fn new(client: aws_sdk_sqs::Client) -> Self {
         Self { client }
     }
+}
 
-    /// Sends one message. An error is returned, never swallowed: the caller's record then
-    /// fails and SQS retries it, and the step's idempotency record makes the retry re-publish.
-    pub async fn send(
-        &self,
-        queue_url: &str,
-        message: &impl Serialize,
-    ) -> Result<(), PublishError> {
-        let body = serde_json::to_string(message).expect("saga messages always serialize");
+impl Publish for SqsPublisher {
+    async fn send_body(&self, queue_url: &str, body: String) -> Result<(), PublishError> {
         self.client
             .send_message()
             .queue_url(queue_url)
             .message_body(body)
             .send()
             .await
-            .map_err(|e| {
-                let e = e.into_service_error();
-                PublishError {
-                    op: "SendMessage",
-                    queue_url: queue_url.into(),
-                    code: e.code().unwrap_or("Unknown").into(),
-                    message: e.message().unwrap_or_default().into(),
-                }
-            })?;
+            .map_err(|e| PublishError::sdk("SendMessage", queue_url, e.into_service_error()))?;
         Ok(())
     }
 
-    /// Sends many messages, ten to a `SendMessageBatch` call. Fails if any entry failed.
-    pub async fn send_all<M: Serialize>(
-        &self,
-        queue_url: &str,
-        messages: &[M],
-    ) -> Result<(), PublishError> {
-        for chunk in messages.chunks(10) {
+    /// Ten to a `SendMessageBatch` call.
+    async fn send_bodies(&self, queue_url: &str, bodies: Vec<String>) -> Result<(), PublishError> {
+        for chunk in bodies.chunks(10) {
             let entries = chunk
                 .iter()
                 .enumerate()
-                .map(|(i, m)| {
+                .map(|(i, body)| {
                     SendMessageBatchRequestEntry::builder()
                         .id(i.to_string())
-                        .message_body(
-                            serde_json::to_string(m).expect("saga messages always serialize"),
-                        )
+                        .message_body(body)
                         .build()
                         .expect("id and body are set")
                 })
@@ -77,13 +71,7 @@ impl Publisher {
                 .send()
                 .await
                 .map_err(|e| {
-                    let e = e.into_service_error();
-                    PublishError {
-                        op: "SendMessageBatch",
-                        queue_url: queue_url.into(),
-                        code: e.code().unwrap_or("Unknown").into(),
-                        message: e.message().unwrap_or_default().into(),
-                    }
+                    PublishError::sdk("SendMessageBatch", queue_url, e.into_service_error())
                 })?;
             if let Some(failed) = out.failed.first() {
                 return Err(PublishError {

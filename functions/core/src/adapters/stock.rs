@@ -14,45 +14,19 @@ use aws_sdk_dynamodb::types::{
 
 use super::dynamo::{self, s, StoreError};
 use crate::domain::StockLine;
-use crate::idempotency::{self, IdempotencyRecord, IdempotencyStore};
+use crate::idempotency::dynamo::{existing_from_reason, DynamoIdempotency};
+use crate::idempotency::Completed;
 use crate::messages::StockRejection;
+use crate::ports::{ReleaseOutcome, ReserveOutcome, Stock};
 
 /// How many times a transaction that lost a conflict with another one is retried in place.
 const CONFLICT_ATTEMPTS: u32 = 6;
 
 #[derive(Clone, Debug)]
-pub struct StockStore {
+pub struct DynamoStock {
     client: aws_sdk_dynamodb::Client,
     products_table: String,
-    idempotency: IdempotencyStore,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReserveOutcome {
-    Reserved,
-    /// Already done for this order: the record of that attempt.
-    AlreadyDone(IdempotencyRecord),
-    /// Nothing reserved: this line was short or unknown.
-    Rejected {
-        reason: StockRejection,
-        product_id: String,
-    },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReleaseOutcome {
-    Released,
-    AlreadyDone(IdempotencyRecord),
-    /// There is no successful reservation for this order: nothing to give back.
-    NothingReserved,
-}
-
-pub fn reserve_key(order_id: &str) -> String {
-    format!("{order_id}#reserve")
-}
-
-pub fn release_key(order_id: &str) -> String {
-    format!("{order_id}#release")
+    idempotency: DynamoIdempotency,
 }
 
 enum Attempt {
@@ -60,11 +34,11 @@ enum Attempt {
     Cancelled(Vec<CancellationReason>),
 }
 
-impl StockStore {
+impl DynamoStock {
     pub fn new(
         client: aws_sdk_dynamodb::Client,
         products_table: impl Into<String>,
-        idempotency: IdempotencyStore,
+        idempotency: DynamoIdempotency,
     ) -> Self {
         Self {
             client,
@@ -73,49 +47,44 @@ impl StockStore {
         }
     }
 
-    pub fn idempotency(&self) -> &IdempotencyStore {
-        &self.idempotency
-    }
-
-    /// Reserves every line of an order, or none. `result` is what the reservation record
-    /// stores to replay (the StockReserved message).
-    pub async fn reserve(
+    fn line_update(
         &self,
-        order_id: &str,
+        line: &StockLine,
+        expression: &str,
+        condition: &str,
+    ) -> TransactWriteItem {
+        let update = Update::builder()
+            .table_name(&self.products_table)
+            .key("productId", s(&line.product_id))
+            .update_expression(expression)
+            .condition_expression(condition)
+            .expression_attribute_values(":n", dynamo::un(line.quantity))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("table, key and expression are set");
+        TransactWriteItem::builder().update(update).build()
+    }
+}
+
+impl Stock for DynamoStock {
+    async fn reserve(
+        &self,
         lines: &[StockLine],
-        payload_hash: &str,
-        result: &str,
+        done: &Completed<'_>,
         now_ms: i64,
     ) -> Result<ReserveOutcome, StoreError> {
-        let record = self.idempotency.completed_put(
-            &reserve_key(order_id),
-            payload_hash,
-            result,
-            idempotency::STEP_RECORD_TTL,
-            now_ms,
-        );
+        let record = self.idempotency.completed_put(done, now_ms)?;
         let mut items = vec![TransactWriteItem::builder().put(record).build()];
-        for line in lines {
-            let update = Update::builder()
-                .table_name(&self.products_table)
-                .key("productId", s(&line.product_id))
-                .update_expression("SET quantity = quantity - :n")
-                .condition_expression("quantity >= :n")
-                .expression_attribute_values(":n", dynamo::un(line.quantity))
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                )
-                .build()
-                .expect("table, key and expression are set");
-            items.push(TransactWriteItem::builder().update(update).build());
-        }
+        items.extend(
+            lines.iter().map(|line| {
+                self.line_update(line, "SET quantity = quantity - :n", "quantity >= :n")
+            }),
+        );
         match self.transact(items, "reserve_stock").await? {
             Attempt::Done => Ok(ReserveOutcome::Reserved),
             Attempt::Cancelled(reasons) => {
                 if let Some(existing) = failed(&reasons, 0) {
-                    return Ok(ReserveOutcome::AlreadyDone(
-                        idempotency::existing_from_reason(existing)?,
-                    ));
+                    return Ok(ReserveOutcome::AlreadyDone(existing_from_reason(existing)?));
                 }
                 for (i, line) in lines.iter().enumerate() {
                     if let Some(reason) = failed(&reasons, i + 1) {
@@ -136,55 +105,38 @@ impl StockStore {
         }
     }
 
-    /// Gives back every line of a successful reservation, once.
-    pub async fn release(
+    async fn release(
         &self,
-        order_id: &str,
         lines: &[StockLine],
-        payload_hash: &str,
-        result: &str,
-        reserved_result: &str,
+        done: &Completed<'_>,
+        reservation: &Completed<'_>,
         now_ms: i64,
     ) -> Result<ReleaseOutcome, StoreError> {
-        let record = self.idempotency.completed_put(
-            &release_key(order_id),
-            payload_hash,
-            result,
-            idempotency::STEP_RECORD_TTL,
-            now_ms,
-        );
-        let reservation = ConditionCheck::builder()
+        let record = self.idempotency.completed_put(done, now_ms)?;
+        let reserved = ConditionCheck::builder()
             .table_name(self.idempotency.table())
-            .key("id", s(reserve_key(order_id)))
+            .key("id", s(reservation.key.to_string()))
             .condition_expression("#result = :reserved")
             .expression_attribute_names("#result", "result")
-            .expression_attribute_values(":reserved", s(reserved_result))
+            .expression_attribute_values(":reserved", s(reservation.result))
             .build()
             .expect("table, key and condition are set");
         let mut items = vec![
             TransactWriteItem::builder().put(record).build(),
             TransactWriteItem::builder()
-                .condition_check(reservation)
+                .condition_check(reserved)
                 .build(),
         ];
-        for line in lines {
-            let update = Update::builder()
-                .table_name(&self.products_table)
-                .key("productId", s(&line.product_id))
-                .update_expression("ADD quantity :n")
-                .condition_expression("attribute_exists(productId)")
-                .expression_attribute_values(":n", dynamo::un(line.quantity))
-                .build()
-                .expect("table, key and expression are set");
-            items.push(TransactWriteItem::builder().update(update).build());
-        }
+        items.extend(
+            lines.iter().map(|line| {
+                self.line_update(line, "ADD quantity :n", "attribute_exists(productId)")
+            }),
+        );
         match self.transact(items, "release_stock").await? {
             Attempt::Done => Ok(ReleaseOutcome::Released),
             Attempt::Cancelled(reasons) => {
                 if let Some(existing) = failed(&reasons, 0) {
-                    return Ok(ReleaseOutcome::AlreadyDone(
-                        idempotency::existing_from_reason(existing)?,
-                    ));
+                    return Ok(ReleaseOutcome::AlreadyDone(existing_from_reason(existing)?));
                 }
                 if failed(&reasons, 1).is_some() {
                     return Ok(ReleaseOutcome::NothingReserved);
@@ -193,7 +145,9 @@ impl StockStore {
             }
         }
     }
+}
 
+impl DynamoStock {
     /// Runs a transaction, retrying in place when it lost a conflict with a concurrent one
     /// (orders for the same product race for its item).
     async fn transact(

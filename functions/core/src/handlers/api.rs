@@ -8,21 +8,24 @@
 //!
 //! Every client mistake is a 4xx with `{"error": {"code", "message"}}` and writes nothing.
 
-use lambda_http::http::{header, HeaderMap, Method, StatusCode};
+use lambda_http::http::{header, HeaderMap, StatusCode};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Value};
 
+use super::Function;
 use crate::adapters::dynamo::StoreError;
-use crate::adapters::orders::{CreateError, OrderStore};
-use crate::adapters::products::ProductStore;
-use crate::adapters::sqs::Publisher;
+use crate::adapters::orders::DynamoOrders;
+use crate::adapters::products::DynamoProducts;
+use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
-use crate::config::OrderApiConfig;
+use crate::config::{ConfigError, Lookup, OrderApiConfig};
 use crate::domain::{self, Order, PlaceOrderRequest, Product, PutProductRequest};
 use crate::faults::{FaultPoint, Faults};
-use crate::idempotency::{self, ClaimRequest, Existing, IdempotencyStore};
+use crate::idempotency::dynamo::DynamoIdempotency;
+use crate::idempotency::{self, Claim, ClaimRequest, Existing, Idempotency, StepKey};
 use crate::messages::{PaymentCommand, StockCommand};
+use crate::ports::{CreateError, Orders, Products, Publish};
 
 /// Longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -84,12 +87,15 @@ impl From<crate::adapters::sqs::PublishError> for ApiError {
 }
 
 impl From<crate::faults::Crash> for ApiError {
-    fn from(c: crate::faults::Crash) -> Self {
-        ApiError::new(
+    fn from(crash: crate::faults::Crash) -> Self {
+        #[cfg(feature = "fault-injection")]
+        return ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INJECTED_CRASH",
-            c.to_string(),
-        )
+            crash.to_string(),
+        );
+        #[cfg(not(feature = "fault-injection"))]
+        match crash {}
     }
 }
 
@@ -114,25 +120,62 @@ enum Route {
     GetProduct(String),
 }
 
-pub struct ApiHandler {
-    orders: OrderStore,
-    products: ProductStore,
-    idempotency: IdempotencyStore,
-    publisher: Publisher,
+pub struct ApiHandler<O = DynamoOrders, R = DynamoProducts, I = DynamoIdempotency, P = SqsPublisher>
+{
+    orders: O,
+    products: R,
+    idempotency: I,
+    publisher: P,
     stock_queue_url: String,
     payment_queue_url: String,
     faults: Faults,
 }
 
 impl ApiHandler {
+    /// The handler on DynamoDB and SQS.
     pub fn new(clients: &AwsClients, config: OrderApiConfig, faults: Faults) -> Self {
+        let idempotency =
+            DynamoIdempotency::new(clients.dynamodb.clone(), config.idempotency_table);
+        Self::with_ports(
+            DynamoOrders::new(clients.dynamodb.clone(), config.orders_table)
+                .with_idempotency(idempotency.clone()),
+            DynamoProducts::new(clients.dynamodb.clone(), config.products_table),
+            idempotency,
+            SqsPublisher::new(clients.sqs.clone()),
+            config.stock_queue_url,
+            config.payment_queue_url,
+            faults,
+        )
+    }
+}
+
+impl Function for ApiHandler {
+    fn from_env(
+        clients: &AwsClients,
+        env: &impl Lookup,
+        faults: Faults,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self::new(clients, OrderApiConfig::load(env)?, faults))
+    }
+}
+
+impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> {
+    pub fn with_ports(
+        orders: O,
+        products: R,
+        idempotency: I,
+        publisher: P,
+        stock_queue_url: String,
+        payment_queue_url: String,
+        faults: Faults,
+    ) -> Self {
         Self {
-            orders: OrderStore::new(clients.dynamodb.clone(), config.orders_table),
-            products: ProductStore::new(clients.dynamodb.clone(), config.products_table),
-            idempotency: IdempotencyStore::new(clients.dynamodb.clone(), config.idempotency_table),
-            publisher: Publisher::new(clients.sqs.clone()),
-            stock_queue_url: config.stock_queue_url,
-            payment_queue_url: config.payment_queue_url,
+            orders,
+            products,
+            idempotency,
+            publisher,
+            stock_queue_url,
+            payment_queue_url,
             faults,
         }
     }
@@ -149,10 +192,10 @@ impl ApiHandler {
     async fn dispatch(&self, req: &Request) -> Result<Response<Body>, ApiError> {
         match route(req)? {
             Route::PlaceOrder => {
-                let deadline = req
-                    .lambda_context_ref()
-                    .map(|c| super::batch::deadline_ms(c, 10_000))
-                    .unwrap_or_else(|| crate::time::now_ms() + 10_000);
+                let deadline = crate::time::deadline_ms(
+                    req.lambda_context_ref().map_or(0, |c| c.deadline),
+                    10_000,
+                );
                 let body = json_body(req)?;
                 let key = idempotency_key(req.headers())?;
                 self.place_order(body, key.as_deref(), deadline).await
@@ -231,71 +274,70 @@ impl ApiHandler {
             return Ok(accepted(&order));
         };
 
-        let record_key = format!("api#{key}");
+        let record_key = StepKey::Api(key);
         let hash = idempotency::payload_hash(&request);
-        let claim = self.idempotency.claim_put(
-            &ClaimRequest {
-                key: &record_key,
-                payload_hash: &hash,
-                in_progress_until_ms: deadline,
-                ttl: idempotency::API_KEY_TTL,
-                take_over_expired: false,
-                order_id: Some(&order.order_id),
-            },
-            now,
-        );
-        match self.orders.create_with(&order, claim).await {
-            Ok(()) => self.finish(&record_key, &order).await,
-            Err(CreateError::Store(e)) => Err(e.into()),
+        let claim = ClaimRequest {
+            key: record_key,
+            payload_hash: &hash,
+            in_progress_until_ms: deadline,
+            ttl: idempotency::API_KEY_TTL,
+            take_over_expired: false,
+            order_id: Some(&order.order_id),
+        };
+        let existing = match self.orders.create_claimed(&order, &claim, now).await {
+            Ok(Claim::Acquired) => return self.finish(record_key, &order).await,
+            Ok(Claim::Existing(existing)) => existing,
+            Err(CreateError::Store(e)) => return Err(e.into()),
             // A concurrent request with the same key is writing right now.
-            Err(CreateError::Conflict) => Err(in_progress()),
-            Err(CreateError::OtherRecordExists(reason)) => {
-                let existing = idempotency::existing_from_reason(&reason)?;
-                match existing.classify(&hash, now) {
-                    Existing::Completed(stored) => replay(&stored),
-                    Existing::PayloadMismatch => Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "IDEMPOTENCY_KEY_REUSED",
-                        "this Idempotency-Key was already used with a different request body",
-                    )),
-                    Existing::InProgress => Err(in_progress()),
-                    Existing::InProgressExpired => {
-                        let seen = existing.in_progress_until_ms.unwrap_or_default();
-                        if !self
-                            .idempotency
-                            .take_over(&record_key, seen, deadline)
-                            .await?
-                        {
-                            return Err(in_progress());
-                        }
-                        let order_id = existing.order_id.ok_or(StoreError::Corrupt(
-                            "idempotency record without its order id".into(),
-                        ))?;
-                        let order =
-                            self.orders
-                                .get(&order_id)
-                                .await?
-                                .ok_or(StoreError::Corrupt(format!(
-                                    "order {order_id} of an idempotency record is missing"
-                                )))?;
-                        if order.status != domain::OrderStatus::Pending {
-                            // The sweeper already finished this order: answering is all that is left.
-                            tracing::warn!(order_id, status = ?order.status, "abandoned request's order is already final; not starting its saga");
-                            return self.complete_key(&record_key, &order).await;
-                        }
-                        tracing::warn!(
-                            order_id,
-                            "taking over an abandoned request; sending its messages again"
-                        );
-                        self.finish(&record_key, &order).await
-                    }
+            Err(CreateError::Conflict) => return Err(in_progress()),
+        };
+        match existing.classify(&hash, now) {
+            Existing::Completed(stored) => replay(&stored),
+            Existing::PayloadMismatch => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "IDEMPOTENCY_KEY_REUSED",
+                "this Idempotency-Key was already used with a different request body",
+            )),
+            Existing::InProgress => Err(in_progress()),
+            Existing::InProgressExpired => {
+                let seen = existing.in_progress_until_ms.unwrap_or_default();
+                if !self
+                    .idempotency
+                    .take_over(record_key, seen, deadline)
+                    .await?
+                {
+                    return Err(in_progress());
                 }
+                let order_id = existing.order_id.ok_or(StoreError::Corrupt(
+                    "idempotency record without its order id".into(),
+                ))?;
+                let order = self
+                    .orders
+                    .get(&order_id)
+                    .await?
+                    .ok_or(StoreError::Corrupt(format!(
+                        "order {order_id} of an idempotency record is missing"
+                    )))?;
+                if order.status != domain::OrderStatus::Pending {
+                    // The sweeper already finished this order: answering is all that is left.
+                    tracing::warn!(order_id, status = ?order.status, "abandoned request's order is already final; not starting its saga");
+                    return self.complete_key(record_key, &order).await;
+                }
+                tracing::warn!(
+                    order_id,
+                    "taking over an abandoned request; sending its messages again"
+                );
+                self.finish(record_key, &order).await
             }
         }
     }
 
     /// Sends the saga's first messages and completes the key with the response to replay.
-    async fn finish(&self, record_key: &str, order: &Order) -> Result<Response<Body>, ApiError> {
+    async fn finish(
+        &self,
+        record_key: StepKey<'_>,
+        order: &Order,
+    ) -> Result<Response<Body>, ApiError> {
         self.faults.hit(FaultPoint::AfterWrite)?;
         if let Err(e) = self.start_saga(order).await {
             // Let the next call with this key take over at once and finish this same order.
@@ -309,7 +351,7 @@ impl ApiHandler {
     /// Completes the key with the response that later calls replay, and answers it.
     async fn complete_key(
         &self,
-        record_key: &str,
+        record_key: StepKey<'_>,
         order: &Order,
     ) -> Result<Response<Body>, ApiError> {
         let stored = json!({
@@ -385,62 +427,44 @@ fn replay(stored: &str) -> Result<Response<Body>, ApiError> {
     ))
 }
 
-/// The route of a request: from API Gateway's route key and path parameters when present,
-/// else from the path itself (tolerating a stage prefix such as `/dev`).
+/// The routes this function serves, as API Gateway route keys (`template.yaml` declares the
+/// same ones on the function's `HttpApi` events).
+pub const ROUTES: [&str; 4] = [
+    "POST /orders",
+    "GET /orders/{orderId}",
+    "PUT /products/{productId}",
+    "GET /products/{productId}",
+];
+
+/// The route of a request, from the route key API Gateway matched and the path parameters it
+/// extracted: the gateway routes, the handler does not parse paths again.
 fn route(req: &Request) -> Result<Route, ApiError> {
-    let path = req.raw_http_path();
-    let path = if path.is_empty() {
-        req.uri().path()
-    } else {
-        path
+    let route_key = match req.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.route_key.as_deref().unwrap_or_default(),
+        _ => "",
     };
-    let segments = path.trim_matches('/').split('/').collect::<Vec<_>>();
     let params = req.path_parameters();
-    let param = |name: &str, raw: &str| -> Result<String, ApiError> {
-        let value = params.first(name).unwrap_or(raw).to_string();
+    let id = |name: &str| -> Result<String, ApiError> {
+        let value = params.first(name).unwrap_or_default().to_string();
         domain::validate_id(name, &value)
             .map_err(|e| ApiError::bad_request("INVALID_ID", e.to_string()))?;
         Ok(value)
     };
-    let method = req.method();
-    let (allowed, route) = match segments.as_slice() {
-        [.., "products", id] => (
-            "GET, PUT",
-            match *method {
-                Method::GET => Some(param("productId", id).map(Route::GetProduct)),
-                Method::PUT => Some(param("productId", id).map(Route::PutProduct)),
-                _ => None,
-            },
-        ),
-        [.., "orders", id] => (
-            "GET",
-            (method == Method::GET).then(|| param("orderId", id).map(Route::GetOrder)),
-        ),
-        [.., "orders"] => (
-            "POST",
-            (method == Method::POST).then_some(Ok(Route::PlaceOrder)),
-        ),
-        _ => {
-            let route_key = match req.request_context_ref() {
-                Some(RequestContext::ApiGatewayV2(ctx)) => {
-                    ctx.route_key.clone().unwrap_or_default()
-                }
-                _ => String::new(),
-            };
-            return Err(ApiError::not_found(
-                format!("no route for {method} {path} {route_key}")
-                    .trim_end()
-                    .to_string(),
-            ));
-        }
-    };
-    route.unwrap_or_else(|| {
-        Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD_NOT_ALLOWED",
-            format!("{method} is not allowed here; allowed: {allowed}"),
-        ))
-    })
+    match ROUTES.iter().position(|r| *r == route_key) {
+        Some(0) => Ok(Route::PlaceOrder),
+        Some(1) => id("orderId").map(Route::GetOrder),
+        Some(2) => id("productId").map(Route::PutProduct),
+        Some(3) => id("productId").map(Route::GetProduct),
+        _ => Err(ApiError::not_found(
+            format!(
+                "no route for {} {} {route_key}",
+                req.method(),
+                req.uri().path()
+            )
+            .trim_end()
+            .to_string(),
+        )),
+    }
 }
 
 /// The request body, checked for size and content type.
@@ -519,40 +543,75 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 mod tests {
     use super::*;
 
-    fn request(method: &str, path: &str) -> Request {
+    /// A request as API Gateway hands it over: the matched route key and path parameters.
+    fn request(route_key: &str, params: &[(&str, &str)]) -> Request {
+        let (method, path) = route_key.split_once(' ').unwrap();
+        let mut ctx =
+            lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
+        ctx.route_key = Some(route_key.to_string());
         lambda_http::http::Request::builder()
             .method(method)
             .uri(path)
             .body(Body::Empty)
             .unwrap()
+            .with_request_context(RequestContext::ApiGatewayV2(ctx))
+            .with_path_parameters(
+                params
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
     }
 
     #[test]
-    fn when_routing_should_tolerate_a_stage_prefix_and_refuse_bad_ids() {
+    fn when_routing_should_follow_the_gateways_route_key_and_refuse_bad_ids() {
         assert_eq!(
-            route(&request("POST", "/orders")).unwrap(),
+            route(&request("POST /orders", &[])).unwrap(),
             Route::PlaceOrder
         );
         assert_eq!(
-            route(&request("GET", "/dev/orders/o-1")).unwrap(),
+            route(&request("GET /orders/{orderId}", &[("orderId", "o-1")])).unwrap(),
             Route::GetOrder("o-1".into())
         );
         assert_eq!(
-            route(&request("PUT", "/products/p-1")).unwrap(),
+            route(&request(
+                "PUT /products/{productId}",
+                &[("productId", "p-1")]
+            ))
+            .unwrap(),
             Route::PutProduct("p-1".into())
         );
         assert_eq!(
-            route(&request("DELETE", "/products/p-1"))
-                .unwrap_err()
-                .status,
-            StatusCode::METHOD_NOT_ALLOWED
+            route(&request(
+                "GET /products/{productId}",
+                &[("productId", "p-1")]
+            ))
+            .unwrap(),
+            Route::GetProduct("p-1".into())
         );
         assert_eq!(
-            route(&request("GET", "/nope")).unwrap_err().status,
+            route(&request(
+                "DELETE /products/{productId}",
+                &[("productId", "p-1")]
+            ))
+            .unwrap_err()
+            .status,
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            route(&request("GET", "/orders/a%01b")).unwrap_err().code,
+            route(&request("GET /nope", &[])).unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&request("GET /orders/{orderId}", &[("orderId", "a\u{1}b")]))
+                .unwrap_err()
+                .code,
+            "INVALID_ID"
+        );
+        assert_eq!(
+            route(&request("GET /orders/{orderId}", &[]))
+                .unwrap_err()
+                .code,
             "INVALID_ID"
         );
     }
@@ -582,5 +641,145 @@ mod tests {
         let err = parse_json::<PlaceOrderRequest>(br#"{"customerId":"c","items":[],"extra":1}"#)
             .unwrap_err();
         assert!(err.message.contains("unknown field"), "{}", err.message);
+    }
+
+    mod with_memory_ports {
+        use super::*;
+        use crate::adapters::memory::{MemoryQueues, MemoryStore};
+
+        type Handler = ApiHandler<MemoryStore, MemoryStore, MemoryStore, MemoryQueues>;
+
+        fn handler() -> (Handler, MemoryStore, MemoryQueues) {
+            let store = MemoryStore::default();
+            let queues = MemoryQueues::default();
+            store.add_product("p-1", 250, 5);
+            let h = ApiHandler::with_ports(
+                store.clone(),
+                store.clone(),
+                store.clone(),
+                queues.clone(),
+                "stock".into(),
+                "payment".into(),
+                Faults::none(),
+            );
+            (h, store, queues)
+        }
+
+        fn place(body: Value, key: Option<&str>) -> Request {
+            let mut req = request("POST /orders", &[]);
+            *req.body_mut() = Body::Text(body.to_string());
+            req.headers_mut()
+                .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            if let Some(key) = key {
+                req.headers_mut()
+                    .insert(IDEMPOTENCY_KEY_HEADER, key.parse().unwrap());
+            }
+            req
+        }
+
+        fn order_body(quantity: u64) -> Value {
+            json!({"customerId": "c-1", "items": [{"productId": "p-1", "quantity": quantity}]})
+        }
+
+        async fn call(h: &Handler, req: Request) -> (StatusCode, Value, HeaderMap) {
+            let response = h.handle(req).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let body = serde_json::from_slice(response.body().as_ref()).unwrap();
+            (status, body, headers)
+        }
+
+        #[tokio::test]
+        async fn when_placing_an_order_should_write_it_and_start_both_steps() {
+            let (h, store, queues) = handler();
+            let (status, body, headers) = call(&h, place(order_body(2), None)).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            assert_eq!(body["totalCents"], 500);
+            assert_eq!(body["status"], "PENDING");
+            let id = body["orderId"].as_str().unwrap();
+            assert_eq!(headers[header::LOCATION], format!("/orders/{id}").as_str());
+            assert_eq!(store.order(id).unwrap().total_cents, 500);
+            assert_eq!(queues.sent("stock")[0]["type"], "ReserveStock");
+            assert_eq!(queues.sent("payment")[0]["amountCents"], 500);
+            let (status, got, _) =
+                call(&h, request("GET /orders/{orderId}", &[("orderId", id)])).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(got, body);
+        }
+
+        #[tokio::test]
+        async fn when_a_key_is_reused_should_replay_the_same_body_and_refuse_another() {
+            let (h, store, queues) = handler();
+            let (_, first, _) = call(&h, place(order_body(1), Some("k-1"))).await;
+            let (status, again, headers) = call(&h, place(order_body(1), Some("k-1"))).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            assert_eq!(again, first);
+            assert_eq!(headers["idempotent-replayed"], "true");
+            let (status, body, _) = call(&h, place(order_body(2), Some("k-1"))).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            assert_eq!(body["error"]["code"], "IDEMPOTENCY_KEY_REUSED");
+            assert_eq!(store.orders().len(), 1);
+            assert_eq!(queues.sent("stock").len(), 1);
+        }
+
+        #[tokio::test]
+        async fn when_the_sends_fail_should_let_the_retry_finish_the_same_order() {
+            let (h, store, queues) = handler();
+            queues.refuse_next(1);
+            let (status, body, _) = call(&h, place(order_body(1), Some("k-2"))).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(body["error"]["code"], "SERVICE_UNAVAILABLE");
+            let (status, body, _) = call(&h, place(order_body(1), Some("k-2"))).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            let orders = store.orders();
+            assert_eq!(orders.len(), 1, "the retry finished the first order");
+            assert_eq!(body["orderId"], orders[0].order_id.as_str());
+            // One of the first two sends may have gone out; the downstream steps are keyed on
+            // the order, so a second copy of the same command is harmless.
+            for queue in ["stock", "payment"] {
+                let sent = queues.sent(queue);
+                assert!(!sent.is_empty());
+                assert!(sent.iter().all(|m| m["orderId"] == body["orderId"]));
+            }
+        }
+
+        #[tokio::test]
+        async fn when_the_request_is_wrong_should_answer_4xx_and_write_nothing() {
+            let (h, store, queues) = handler();
+            let unknown =
+                json!({"customerId": "c-1", "items": [{"productId": "p-9", "quantity": 1}]});
+            let (status, body, _) = call(&h, place(unknown, None)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(body["error"]["code"], "UNKNOWN_PRODUCT");
+            let (status, body, _) = call(&h, place(order_body(0), None)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(body["error"]["code"], "INVALID_REQUEST");
+            let (status, _, _) = call(
+                &h,
+                request("GET /orders/{orderId}", &[("orderId", "o-404")]),
+            )
+            .await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+            assert!(store.orders().is_empty());
+            assert!(queues.sent("stock").is_empty());
+        }
+
+        #[tokio::test]
+        async fn when_an_operator_puts_a_product_should_store_it() {
+            let (h, store, _) = handler();
+            let mut req = request("PUT /products/{productId}", &[("productId", "p-2")]);
+            *req.body_mut() =
+                Body::Text(json!({"name": "Mug", "priceCents": 900, "quantity": 7}).to_string());
+            let (status, body, _) = call(&h, req).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body["productId"], "p-2");
+            assert_eq!(store.quantity("p-2"), Some(7));
+            let (_, got, _) = call(
+                &h,
+                request("GET /products/{productId}", &[("productId", "p-2")]),
+            )
+            .await;
+            assert_eq!(got, body);
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Processing an SQS batch record by record, with partial batch responses.
+//! SQS functions: one trait for the handlers, and processing a batch record by record with
+//! partial batch responses.
 //!
 //! Each record is parsed on its own and processed concurrently with the others; a failing or
 //! panicking record is reported in `batchItemFailures` and nothing else is held back. Three
@@ -11,6 +12,7 @@
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures::FutureExt;
+use lambda_runtime::LambdaEvent;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use tracing::Instrument;
@@ -19,6 +21,10 @@ use crate::adapters::dynamo::StoreError;
 use crate::adapters::payment::ProviderError;
 use crate::adapters::sqs::PublishError;
 use crate::faults::Crash;
+use crate::idempotency::ReplayError;
+
+/// How long an invocation without a deadline (a hand-made event) may hold an idempotency key.
+pub const DEFAULT_DEADLINE_MS: i64 = 15_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -26,8 +32,29 @@ pub enum RecordError {
     Permanent(String),
     #[error("transient: {0}")]
     Transient(String),
+    /// An injected crash (tests only): the record is abandoned with no clean-up.
+    #[cfg(feature = "fault-injection")]
     #[error(transparent)]
-    Crash(#[from] Crash),
+    Crash(Crash),
+}
+
+impl RecordError {
+    /// Whether this is an injected crash, after which nothing may be cleaned up.
+    pub fn is_crash(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        return matches!(self, RecordError::Crash(_));
+        #[cfg(not(feature = "fault-injection"))]
+        false
+    }
+}
+
+impl From<Crash> for RecordError {
+    fn from(crash: Crash) -> Self {
+        #[cfg(feature = "fault-injection")]
+        return RecordError::Crash(crash);
+        #[cfg(not(feature = "fault-injection"))]
+        match crash {}
+    }
 }
 
 impl From<StoreError> for RecordError {
@@ -51,9 +78,42 @@ impl From<ProviderError> for RecordError {
     }
 }
 
+impl From<ReplayError> for RecordError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::InProgress(_) => RecordError::Transient(e.to_string()),
+            ReplayError::PayloadMismatch(_) | ReplayError::Unreadable(..) => {
+                RecordError::Permanent(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<crate::messages::ParseError> for RecordError {
     fn from(e: crate::messages::ParseError) -> Self {
         RecordError::Permanent(e.to_string())
+    }
+}
+
+/// A function fed by an SQS queue: the stock, payment and coordinator handlers. Lambda
+/// ([`crate::lambda::run_sqs`]) and the local runner both call [`handle`] with it.
+pub trait SqsHandler: Send + Sync {
+    /// Processes one record, before `deadline_ms` (epoch ms, the invocation's deadline).
+    fn process(
+        &self,
+        record: &SqsMessage,
+        deadline_ms: i64,
+    ) -> impl Future<Output = Result<(), RecordError>> + Send;
+
+    /// Handles one invocation: every record of the batch, and the ones that failed reported.
+    fn handle(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+    ) -> impl Future<Output = Result<SqsBatchResponse, MissingMessageId>> + Send {
+        async move {
+            let deadline = crate::time::deadline_ms(event.context.deadline, DEFAULT_DEADLINE_MS);
+            process_batch(&event.payload, |record| self.process(record, deadline)).await
+        }
     }
 }
 
@@ -91,6 +151,7 @@ where
             let outcome = AssertUnwindSafe(process(record)).catch_unwind().await;
             let failed = match outcome {
                 Ok(Ok(())) => false,
+                #[cfg(feature = "fault-injection")]
                 Ok(Err(RecordError::Crash(crash))) => {
                     crate::metrics::record_failed("crash");
                     tracing::warn!(%crash, "record aborted");
@@ -120,13 +181,4 @@ where
     let mut response = SqsBatchResponse::default();
     response.set_failures(failures.into_iter().flatten());
     Ok(response)
-}
-
-/// Milliseconds until the invocation's deadline, or `fallback_ms` when the context has none.
-pub fn deadline_ms(ctx: &lambda_runtime::Context, fallback_ms: i64) -> i64 {
-    if ctx.deadline > 0 {
-        ctx.deadline as i64
-    } else {
-        crate::time::now_ms() + fallback_ms
-    }
 }

@@ -7,46 +7,53 @@
 //! payment. Every follow-up is idempotent, so a redelivered event simply does them again; that
 //! is also what finishes the work of an invocation that died after its write.
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use lambda_runtime::LambdaEvent;
+use aws_lambda_events::event::sqs::SqsMessage;
 
-use super::batch::{process_batch, RecordError};
-use crate::adapters::orders::{FactUpdate, OrderStore, Update};
-use crate::adapters::sqs::Publisher;
+use super::batch::{RecordError, SqsHandler};
+use super::Function;
+use crate::adapters::orders::DynamoOrders;
+use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
-use crate::config::CoordinatorConfig;
+use crate::config::{ConfigError, CoordinatorConfig, Lookup};
 use crate::domain::Order;
 use crate::faults::{FaultPoint, Faults};
 use crate::messages::{self, PaymentCommand, SagaEvent, StockCommand};
+use crate::ports::{FactUpdate, Orders, Publish, Update};
 use crate::saga::{follow_ups, Fact};
 
-pub struct CoordinatorHandler {
-    orders: OrderStore,
-    publisher: Publisher,
+pub struct CoordinatorHandler<O = DynamoOrders, P = SqsPublisher> {
+    orders: O,
+    publisher: P,
     stock_queue_url: String,
     payment_queue_url: String,
     faults: Faults,
 }
 
 impl CoordinatorHandler {
+    /// The handler on DynamoDB and SQS.
     pub fn new(clients: &AwsClients, config: CoordinatorConfig, faults: Faults) -> Self {
-        Self {
-            orders: OrderStore::new(clients.dynamodb.clone(), config.orders_table),
-            publisher: Publisher::new(clients.sqs.clone()),
-            stock_queue_url: config.stock_queue_url,
-            payment_queue_url: config.payment_queue_url,
+        Self::with_ports(
+            DynamoOrders::new(clients.dynamodb.clone(), config.orders_table),
+            SqsPublisher::new(clients.sqs.clone()),
+            config.stock_queue_url,
+            config.payment_queue_url,
             faults,
-        }
+        )
     }
+}
 
-    pub async fn handle(
-        &self,
-        event: LambdaEvent<SqsEvent>,
-    ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
-        Ok(process_batch(&event.payload, |record| self.process(record)).await?)
+impl Function for CoordinatorHandler {
+    fn from_env(
+        clients: &AwsClients,
+        env: &impl Lookup,
+        faults: Faults,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self::new(clients, CoordinatorConfig::load(env)?, faults))
     }
+}
 
-    async fn process(&self, record: &SqsMessage) -> Result<(), RecordError> {
+impl<O: Orders, P: Publish> SqsHandler for CoordinatorHandler<O, P> {
+    async fn process(&self, record: &SqsMessage, _deadline_ms: i64) -> Result<(), RecordError> {
         let event = messages::parse(record.body.as_deref(), "coordinator", SagaEvent::order_id)?;
         let order_id = event.order_id();
         let now = crate::time::now_ms();
@@ -91,6 +98,24 @@ impl CoordinatorHandler {
         self.compensate(&order).await?;
         self.faults.hit(FaultPoint::AfterPublish)?;
         Ok(())
+    }
+}
+
+impl<O: Orders, P: Publish> CoordinatorHandler<O, P> {
+    pub fn with_ports(
+        orders: O,
+        publisher: P,
+        stock_queue_url: String,
+        payment_queue_url: String,
+        faults: Faults,
+    ) -> Self {
+        Self {
+            orders,
+            publisher,
+            stock_queue_url,
+            payment_queue_url,
+            faults,
+        }
     }
 
     /// Sends the compensations a cancelled order still needs. Repeating them is harmless: the
@@ -170,5 +195,137 @@ fn fact_update(event: &SagaEvent) -> FactUpdate {
             cancel_detail: Some("the order did not complete in time".into()),
             ..FactUpdate::new(Fact::TimedOut)
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::{MemoryQueues, MemoryStore};
+    use crate::domain::{ItemRequest, OrderStatus, PlaceOrderRequest};
+    use crate::handlers::testing::{failed, sqs_event};
+    use serde_json::json;
+
+    const STOCK: &str = "stock";
+    const PAYMENT: &str = "payment";
+
+    fn handler() -> (
+        CoordinatorHandler<MemoryStore, MemoryQueues>,
+        MemoryStore,
+        MemoryQueues,
+    ) {
+        let store = MemoryStore::default();
+        let queues = MemoryQueues::default();
+        let request = PlaceOrderRequest {
+            customer_id: "c-1".into(),
+            items: vec![ItemRequest {
+                product_id: "p-1".into(),
+                quantity: 2,
+            }],
+            payment_method: None,
+        };
+        let order =
+            crate::domain::price_order("o-1".into(), &request, |_| Some(300), 1_000).unwrap();
+        store.insert_order(order);
+        let h = CoordinatorHandler::with_ports(
+            store.clone(),
+            queues.clone(),
+            STOCK.into(),
+            PAYMENT.into(),
+            Faults::none(),
+        );
+        (h, store, queues)
+    }
+
+    fn reserved() -> serde_json::Value {
+        json!({"type": "StockReserved", "orderId": "o-1"})
+    }
+
+    fn charged() -> serde_json::Value {
+        json!({"type": "PaymentCharged", "orderId": "o-1", "paymentId": "ch_1"})
+    }
+
+    #[tokio::test]
+    async fn when_both_steps_succeed_in_any_order_should_confirm_once_without_compensating() {
+        let (h, store, queues) = handler();
+        for event in [charged(), reserved(), charged(), reserved()] {
+            assert!(failed(&h.handle(sqs_event(&[event])).await.unwrap()).is_empty());
+        }
+        let order = store.order("o-1").unwrap();
+        assert_eq!(order.status, OrderStatus::Confirmed);
+        assert_eq!(order.payment_id.as_deref(), Some("ch_1"));
+        assert_eq!(order.pending_sweep, None);
+        assert!(queues.sent(STOCK).is_empty() && queues.sent(PAYMENT).is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_stock_is_rejected_after_the_charge_should_cancel_and_refund() {
+        let (h, store, queues) = handler();
+        let rejected = json!({"type": "StockRejected", "orderId": "o-1",
+                              "reason": "INSUFFICIENT_STOCK", "productId": "p-1"});
+        for event in [charged(), rejected.clone(), rejected] {
+            h.handle(sqs_event(&[event])).await.unwrap();
+        }
+        let order = store.order("o-1").unwrap();
+        assert_eq!(order.status, OrderStatus::Cancelled);
+        assert_eq!(order.cancel_product_id.as_deref(), Some("p-1"));
+        assert_eq!(
+            order.cancel_detail.as_deref(),
+            Some("not enough stock of product p-1")
+        );
+        let refunds = queues.sent(PAYMENT);
+        // The duplicate rejection asks again; the payment function refunds once per order.
+        assert_eq!(refunds.len(), 2);
+        assert_eq!(
+            refunds[0],
+            json!({"type": "RefundPayment", "orderId": "o-1",
+                                       "paymentId": "ch_1", "amountCents": 600})
+        );
+    }
+
+    #[tokio::test]
+    async fn when_a_reservation_arrives_after_a_decline_should_release_it() {
+        let (h, store, queues) = handler();
+        let declined =
+            json!({"type": "PaymentDeclined", "orderId": "o-1", "reason": "CARD_DECLINED"});
+        for event in [declined, reserved()] {
+            h.handle(sqs_event(&[event])).await.unwrap();
+        }
+        let order = store.order("o-1").unwrap();
+        assert_eq!(order.status, OrderStatus::Cancelled);
+        assert_eq!(
+            order.cancel_reason,
+            Some(crate::domain::CancelReason::PaymentDeclined)
+        );
+        let releases = queues.sent(STOCK);
+        assert_eq!(releases.len(), 1);
+        assert_eq!(
+            releases[0],
+            json!({"type": "ReleaseStock", "orderId": "o-1",
+                                        "items": [{"productId": "p-1", "quantity": 2}]})
+        );
+        assert!(queues.sent(PAYMENT).is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_a_timeout_meets_a_finished_saga_should_not_cancel_it() {
+        let (h, store, _) = handler();
+        let timed_out = json!({"type": "OrderTimedOut", "orderId": "o-1", "cutoffMs": 5_000});
+        for event in [reserved(), charged(), timed_out] {
+            h.handle(sqs_event(&[event])).await.unwrap();
+        }
+        assert_eq!(store.order("o-1").unwrap().status, OrderStatus::Confirmed);
+    }
+
+    #[tokio::test]
+    async fn when_the_order_does_not_exist_should_fail_the_record() {
+        let (h, _, _) = handler();
+        let r = h
+            .handle(sqs_event(&[
+                json!({"type": "StockReserved", "orderId": "o-404"}),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(failed(&r), ["m0"]);
     }
 }

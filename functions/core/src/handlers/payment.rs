@@ -5,94 +5,86 @@
 //! concurrent duplicate; the provider call carries the same key, so a retry after a crash in
 //! the middle of the call gets the first result; the completed record replays that result.
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use lambda_runtime::LambdaEvent;
+use aws_lambda_events::event::sqs::SqsMessage;
 
-use super::batch::{deadline_ms, process_batch, RecordError};
-use super::stock::{replay, to_json};
-use crate::adapters::payment::{
-    ChargeOutcome, ChargeRequest, PaymentProvider, RefundRequest, SimulatedProvider,
-};
-use crate::adapters::sqs::Publisher;
+use super::batch::{RecordError, SqsHandler};
+use super::Function;
+use crate::adapters::payment::{ChargeOutcome, ChargeRequest, RefundRequest, SimulatedProvider};
+use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
-use crate::config::PaymentConfig;
+use crate::config::{ConfigError, Lookup, PaymentConfig};
 use crate::faults::{FaultPoint, Faults};
-use crate::idempotency::{self, Claim, ClaimRequest, IdempotencyStore};
+use crate::idempotency::dynamo::DynamoIdempotency;
+use crate::idempotency::{self, Claim, ClaimRequest, Idempotency, StepKey};
 use crate::messages::{self, PaymentCommand, SagaEvent};
+use crate::ports::{to_json, PaymentProvider, Publish};
 
-pub struct PaymentHandler<P: PaymentProvider = SimulatedProvider> {
-    idempotency: IdempotencyStore,
-    provider: P,
-    publisher: Publisher,
+pub struct PaymentHandler<I = DynamoIdempotency, V = SimulatedProvider, P = SqsPublisher> {
+    idempotency: I,
+    provider: V,
+    publisher: P,
     coordinator_queue_url: String,
     faults: Faults,
 }
 
-impl PaymentHandler<SimulatedProvider> {
+impl PaymentHandler {
+    /// The handler on DynamoDB and SQS.
     pub fn new(clients: &AwsClients, config: PaymentConfig, faults: Faults) -> Self {
-        let provider = SimulatedProvider::new(
-            clients.dynamodb.clone(),
-            &config.ledger_table,
-            config.failure_rate,
-        );
-        Self::with_provider(clients, config, provider, faults)
+        Self::with_ports(
+            DynamoIdempotency::new(clients.dynamodb.clone(), config.idempotency_table),
+            SimulatedProvider::new(
+                clients.dynamodb.clone(),
+                &config.ledger_table,
+                config.failure_rate,
+            ),
+            SqsPublisher::new(clients.sqs.clone()),
+            config.coordinator_queue_url,
+            faults,
+        )
     }
 }
 
-impl<P: PaymentProvider> PaymentHandler<P> {
-    pub fn with_provider(
+impl Function for PaymentHandler {
+    fn from_env(
         clients: &AwsClients,
-        config: PaymentConfig,
-        provider: P,
+        env: &impl Lookup,
         faults: Faults,
-    ) -> Self {
-        Self {
-            idempotency: IdempotencyStore::new(clients.dynamodb.clone(), config.idempotency_table),
-            provider,
-            publisher: Publisher::new(clients.sqs.clone()),
-            coordinator_queue_url: config.coordinator_queue_url,
-            faults,
-        }
+    ) -> Result<Self, ConfigError> {
+        Ok(Self::new(clients, PaymentConfig::load(env)?, faults))
     }
+}
 
-    pub async fn handle(
-        &self,
-        event: LambdaEvent<SqsEvent>,
-    ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
-        let deadline = deadline_ms(&event.context, 15_000);
-        Ok(process_batch(&event.payload, |record| self.process(record, deadline)).await?)
-    }
-
+impl<I: Idempotency, V: PaymentProvider, P: Publish> SqsHandler for PaymentHandler<I, V, P> {
     async fn process(&self, record: &SqsMessage, deadline: i64) -> Result<(), RecordError> {
         let command = messages::parse(record.body.as_deref(), "payment", PaymentCommand::order_id)?;
-        let order_id = command.order_id().to_string();
+        let order_id = command.order_id();
         let key = match &command {
-            PaymentCommand::ChargePayment { .. } => format!("{order_id}#charge"),
-            PaymentCommand::RefundPayment { .. } => format!("{order_id}#refund"),
+            PaymentCommand::ChargePayment { .. } => StepKey::Charge(order_id),
+            PaymentCommand::RefundPayment { .. } => StepKey::Refund(order_id),
         };
         let hash = idempotency::payload_hash(&command);
         let now = crate::time::now_ms();
         let claim = ClaimRequest {
-            key: &key,
+            key,
             payload_hash: &hash,
             in_progress_until_ms: deadline,
             ttl: idempotency::STEP_RECORD_TTL,
             take_over_expired: true,
-            order_id: Some(&order_id),
+            order_id: Some(order_id),
         };
         let result = match self.idempotency.claim(&claim, now).await? {
-            Claim::Existing(record) => replay(&record, &hash, now)?,
+            Claim::Existing(record) => idempotency::replay(&record, &hash, now)?,
             Claim::Acquired => {
-                let result = match self.call_provider(&key, &command).await {
+                let result = match self.call_provider(key, &command).await {
                     Ok(result) => result,
-                    Err(RecordError::Crash(c)) => return Err(c.into()),
+                    Err(e) if e.is_crash() => return Err(e),
                     Err(e) => {
                         // A failed call gives up its claim so that the retry runs.
-                        self.idempotency.release(&key).await?;
+                        self.idempotency.release(key).await?;
                         return Err(e);
                     }
                 };
-                self.idempotency.complete(&key, &to_json(&result)).await?;
+                self.idempotency.complete(key, &to_json(&result)).await?;
                 self.faults.hit(FaultPoint::AfterWrite)?;
                 result
             }
@@ -103,12 +95,31 @@ impl<P: PaymentProvider> PaymentHandler<P> {
         self.faults.hit(FaultPoint::AfterPublish)?;
         Ok(())
     }
+}
+
+impl<I: Idempotency, V: PaymentProvider, P: Publish> PaymentHandler<I, V, P> {
+    pub fn with_ports(
+        idempotency: I,
+        provider: V,
+        publisher: P,
+        coordinator_queue_url: String,
+        faults: Faults,
+    ) -> Self {
+        Self {
+            idempotency,
+            provider,
+            publisher,
+            coordinator_queue_url,
+            faults,
+        }
+    }
 
     async fn call_provider(
         &self,
-        key: &str,
+        key: StepKey<'_>,
         command: &PaymentCommand,
     ) -> Result<SagaEvent, RecordError> {
+        let key = &key.to_string();
         let result = match command {
             PaymentCommand::ChargePayment {
                 order_id,
@@ -163,5 +174,122 @@ impl<P: PaymentProvider> PaymentHandler<P> {
         // The provider has acted; dying here is the crash "in the middle of the payment call".
         self.faults.hit(FaultPoint::InPayment)?;
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::{MemoryProvider, MemoryQueues, MemoryStore};
+    use crate::handlers::testing::{failed, sqs_event};
+    use crate::idempotency::Status;
+    use serde_json::json;
+
+    const COORDINATOR: &str = "coordinator";
+
+    type Handler = PaymentHandler<MemoryStore, MemoryProvider, MemoryQueues>;
+
+    fn handler() -> (Handler, MemoryStore, MemoryProvider, MemoryQueues) {
+        let (store, provider, queues) = Default::default();
+        let h = PaymentHandler::with_ports(
+            MemoryStore::clone(&store),
+            MemoryProvider::clone(&provider),
+            MemoryQueues::clone(&queues),
+            COORDINATOR.into(),
+            Faults::none(),
+        );
+        (h, store, provider, queues)
+    }
+
+    fn charge(order: &str, method: &str) -> serde_json::Value {
+        json!({"type": "ChargePayment", "orderId": order, "customerId": "c-1",
+               "amountCents": 1200, "paymentMethod": method})
+    }
+
+    #[tokio::test]
+    async fn when_a_charge_is_delivered_twice_should_charge_once_and_answer_twice() {
+        let (h, store, provider, queues) = handler();
+        let r = h
+            .handle(sqs_event(&[
+                charge("o-1", "tok_visa"),
+                charge("o-1", "tok_visa"),
+            ]))
+            .await
+            .unwrap();
+        // Two copies in one batch: one charges, the other finds the key held and is retried.
+        assert!(failed(&r).len() <= 1);
+        h.handle(sqs_event(&[charge("o-1", "tok_visa")]))
+            .await
+            .unwrap();
+        assert_eq!(provider.charged(), [("o-1#charge".to_string(), 1200)]);
+        let sent = queues.sent(COORDINATOR);
+        assert!(sent.len() >= 2);
+        let ids: Vec<_> = sent.iter().map(|m| m["paymentId"].clone()).collect();
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "every answer names the one charge"
+        );
+        assert_eq!(
+            store.record(StepKey::Charge("o-1")).unwrap().status,
+            Status::Completed
+        );
+    }
+
+    #[tokio::test]
+    async fn when_the_card_is_declined_should_answer_declined_and_move_no_money() {
+        let (h, _, provider, queues) = handler();
+        h.handle(sqs_event(&[charge("o-1", "tok_chargeDeclined")]))
+            .await
+            .unwrap();
+        assert!(provider.charged().is_empty());
+        let sent = queues.sent(COORDINATOR);
+        assert_eq!(sent[0]["type"], "PaymentDeclined");
+        assert_eq!(sent[0]["reason"], "CARD_DECLINED");
+    }
+
+    #[tokio::test]
+    async fn when_the_provider_is_down_should_free_the_key_so_the_retry_charges_once() {
+        let (h, store, provider, queues) = handler();
+        provider.unavailable_for(1);
+        let r = h
+            .handle(sqs_event(&[charge("o-1", "tok_visa")]))
+            .await
+            .unwrap();
+        assert_eq!(failed(&r), ["m0"]);
+        assert_eq!(
+            store.record(StepKey::Charge("o-1")),
+            None,
+            "the claim was given up"
+        );
+        let r = h
+            .handle(sqs_event(&[charge("o-1", "tok_visa")]))
+            .await
+            .unwrap();
+        assert!(failed(&r).is_empty());
+        assert_eq!(provider.charged().len(), 1);
+        assert_eq!(queues.sent(COORDINATOR)[0]["type"], "PaymentCharged");
+    }
+
+    #[tokio::test]
+    async fn when_refunding_twice_should_refund_once_and_refuse_a_changed_payload() {
+        let (h, _, provider, queues) = handler();
+        let refund = json!({"type": "RefundPayment", "orderId": "o-1", "paymentId": "ch_0", "amountCents": 1200});
+        for _ in 0..2 {
+            assert!(failed(
+                &h.handle(sqs_event(std::slice::from_ref(&refund)))
+                    .await
+                    .unwrap()
+            )
+            .is_empty());
+        }
+        assert_eq!(provider.refunded(), [("o-1#refund".to_string(), 1200)]);
+        assert_eq!(queues.sent(COORDINATOR).len(), 2);
+        let mut changed = refund.clone();
+        changed["amountCents"] = json!(5);
+        assert_eq!(
+            failed(&h.handle(sqs_event(&[changed])).await.unwrap()),
+            ["m0"]
+        );
+        assert_eq!(provider.refunded().len(), 1);
     }
 }

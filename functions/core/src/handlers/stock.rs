@@ -1,44 +1,59 @@
 //! The stock function: reserves an order's items, and releases them on compensation.
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use lambda_runtime::LambdaEvent;
+use aws_lambda_events::event::sqs::SqsMessage;
 
-use super::batch::{process_batch, RecordError};
-use crate::adapters::sqs::Publisher;
-use crate::adapters::stock::{ReleaseOutcome, ReserveOutcome, StockStore};
+use super::batch::{RecordError, SqsHandler};
+use super::Function;
+use crate::adapters::sqs::SqsPublisher;
+use crate::adapters::stock::DynamoStock;
 use crate::aws::AwsClients;
-use crate::config::StockConfig;
+use crate::config::{ConfigError, Lookup, StockConfig};
 use crate::domain::StockLine;
 use crate::faults::{FaultPoint, Faults};
-use crate::idempotency::{self, Claim, Existing, IdempotencyRecord, IdempotencyStore};
+use crate::idempotency::dynamo::DynamoIdempotency;
+use crate::idempotency::{self, Claim, Completed, Idempotency, StepKey};
 use crate::messages::{self, SagaEvent, StockCommand, StockRejection};
+use crate::ports::{to_json, Publish, ReleaseOutcome, ReserveOutcome, Stock};
 
-pub struct StockHandler {
-    store: StockStore,
-    publisher: Publisher,
+pub struct StockHandler<S = DynamoStock, I = DynamoIdempotency, P = SqsPublisher> {
+    stock: S,
+    idempotency: I,
+    publisher: P,
     coordinator_queue_url: String,
     faults: Faults,
 }
 
 impl StockHandler {
+    /// The handler on DynamoDB and SQS.
     pub fn new(clients: &AwsClients, config: StockConfig, faults: Faults) -> Self {
-        let idempotency = IdempotencyStore::new(clients.dynamodb.clone(), config.idempotency_table);
-        Self {
-            store: StockStore::new(clients.dynamodb.clone(), config.products_table, idempotency),
-            publisher: Publisher::new(clients.sqs.clone()),
-            coordinator_queue_url: config.coordinator_queue_url,
+        let idempotency =
+            DynamoIdempotency::new(clients.dynamodb.clone(), config.idempotency_table);
+        Self::with_ports(
+            DynamoStock::new(
+                clients.dynamodb.clone(),
+                config.products_table,
+                idempotency.clone(),
+            ),
+            idempotency,
+            SqsPublisher::new(clients.sqs.clone()),
+            config.coordinator_queue_url,
             faults,
-        }
+        )
     }
+}
 
-    pub async fn handle(
-        &self,
-        event: LambdaEvent<SqsEvent>,
-    ) -> Result<SqsBatchResponse, lambda_runtime::Error> {
-        Ok(process_batch(&event.payload, |record| self.process(record)).await?)
+impl Function for StockHandler {
+    fn from_env(
+        clients: &AwsClients,
+        env: &impl Lookup,
+        faults: Faults,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self::new(clients, StockConfig::load(env)?, faults))
     }
+}
 
-    async fn process(&self, record: &SqsMessage) -> Result<(), RecordError> {
+impl<S: Stock, I: Idempotency, P: Publish> SqsHandler for StockHandler<S, I, P> {
+    async fn process(&self, record: &SqsMessage, _deadline_ms: i64) -> Result<(), RecordError> {
         let command = messages::parse(record.body.as_deref(), "stock", StockCommand::order_id)?;
         let now = crate::time::now_ms();
         let result = match &command {
@@ -59,6 +74,24 @@ impl StockHandler {
         self.faults.hit(FaultPoint::AfterPublish)?;
         Ok(())
     }
+}
+
+impl<S: Stock, I: Idempotency, P: Publish> StockHandler<S, I, P> {
+    pub fn with_ports(
+        stock: S,
+        idempotency: I,
+        publisher: P,
+        coordinator_queue_url: String,
+        faults: Faults,
+    ) -> Self {
+        Self {
+            stock,
+            idempotency,
+            publisher,
+            coordinator_queue_url,
+            faults,
+        }
+    }
 
     async fn reserve(
         &self,
@@ -72,16 +105,18 @@ impl StockHandler {
             order_id: order_id.into(),
         };
         let reserved_json = to_json(&reserved);
-        match self
-            .store
-            .reserve(order_id, items, &hash, &reserved_json, now)
-            .await?
-        {
+        let done = Completed {
+            key: StepKey::Reserve(order_id),
+            payload_hash: &hash,
+            result: &reserved_json,
+            ttl: idempotency::STEP_RECORD_TTL,
+        };
+        match self.stock.reserve(items, &done, now).await? {
             ReserveOutcome::Reserved => {
                 tracing::info!(order_id, "stock reserved");
                 Ok(reserved)
             }
-            ReserveOutcome::AlreadyDone(record) => replay(&record, &hash, now),
+            ReserveOutcome::AlreadyDone(record) => Ok(idempotency::replay(&record, &hash, now)?),
             ReserveOutcome::Rejected { reason, product_id } => {
                 tracing::info!(
                     order_id,
@@ -96,21 +131,14 @@ impl StockHandler {
                 };
                 // Record the rejection too, so a redelivery replays it rather than trying again
                 // against stock that may have changed in the meantime.
-                let key = crate::adapters::stock::reserve_key(order_id);
-                match self
-                    .store
-                    .idempotency()
-                    .put_completed(
-                        &key,
-                        &hash,
-                        &to_json(&rejected),
-                        idempotency::STEP_RECORD_TTL,
-                        now,
-                    )
-                    .await?
-                {
+                let rejected_json = to_json(&rejected);
+                let done = Completed {
+                    result: &rejected_json,
+                    ..done
+                };
+                match self.idempotency.put_completed(&done, now).await? {
                     Claim::Acquired => Ok(rejected),
-                    Claim::Existing(record) => replay(&record, &hash, now),
+                    Claim::Existing(record) => Ok(idempotency::replay(&record, &hash, now)?),
                 }
             }
         }
@@ -128,27 +156,30 @@ impl StockHandler {
         let released = SagaEvent::StockReleased {
             order_id: order_id.into(),
         };
+        let released_json = to_json(&released);
         let reserved_json = to_json(&SagaEvent::StockReserved {
             order_id: order_id.into(),
         });
-        match self
-            .store
-            .release(
-                order_id,
-                items,
-                &hash,
-                &to_json(&released),
-                &reserved_json,
-                now,
-            )
-            .await?
-        {
+        let done = Completed {
+            key: StepKey::Release(order_id),
+            payload_hash: &hash,
+            result: &released_json,
+            ttl: idempotency::STEP_RECORD_TTL,
+        };
+        let reservation = Completed {
+            key: StepKey::Reserve(order_id),
+            result: &reserved_json,
+            ..done.clone()
+        };
+        match self.stock.release(items, &done, &reservation, now).await? {
             ReleaseOutcome::Released => {
                 crate::metrics::compensation("release");
                 tracing::info!(order_id, "stock released");
                 Ok(Some(released))
             }
-            ReleaseOutcome::AlreadyDone(record) => replay(&record, &hash, now).map(Some),
+            ReleaseOutcome::AlreadyDone(record) => {
+                Ok(Some(idempotency::replay(&record, &hash, now)?))
+            }
             ReleaseOutcome::NothingReserved => {
                 tracing::warn!(
                     order_id,
@@ -180,40 +211,169 @@ fn validate_lines(items: &[StockLine]) -> Result<(), RecordError> {
     Ok(())
 }
 
-/// The result recorded by an earlier attempt, to publish again.
-pub(crate) fn replay(
-    record: &IdempotencyRecord,
-    hash: &str,
-    now: i64,
-) -> Result<SagaEvent, RecordError> {
-    match record.classify(hash, now) {
-        Existing::Completed(result) => {
-            crate::metrics::step_replayed();
-            tracing::info!(key = %record.id, "step already done; publishing its result again");
-            serde_json::from_str(&result).map_err(|e| {
-                RecordError::Permanent(format!("stored result of {} is unreadable: {e}", record.id))
-            })
-        }
-        Existing::PayloadMismatch => Err(RecordError::Permanent(format!(
-            "{} was already done with a different payload",
-            record.id
-        ))),
-        Existing::InProgress | Existing::InProgressExpired => Err(RecordError::Transient(format!(
-            "{} is being processed by another invocation",
-            record.id
-        ))),
-    }
-}
-
-pub(crate) fn to_json(event: &impl serde::Serialize) -> String {
-    serde_json::to_string(event).expect("saga messages always serialize")
-}
-
 impl From<StockRejection> for crate::domain::CancelReason {
     fn from(r: StockRejection) -> Self {
         match r {
             StockRejection::InsufficientStock => crate::domain::CancelReason::InsufficientStock,
             StockRejection::UnknownProduct => crate::domain::CancelReason::UnknownProduct,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::{MemoryQueues, MemoryStore};
+    use crate::handlers::testing::{failed, sqs_event};
+    use serde_json::json;
+
+    const COORDINATOR: &str = "coordinator";
+
+    fn handler() -> (
+        StockHandler<MemoryStore, MemoryStore, MemoryQueues>,
+        MemoryStore,
+        MemoryQueues,
+    ) {
+        let store = MemoryStore::default();
+        let queues = MemoryQueues::default();
+        store.add_product("p-1", 500, 3);
+        store.add_product("p-2", 100, 10);
+        let h = StockHandler::with_ports(
+            store.clone(),
+            store.clone(),
+            queues.clone(),
+            COORDINATOR.into(),
+            Faults::none(),
+        );
+        (h, store, queues)
+    }
+
+    fn reserve(order: &str, lines: &[(&str, u64)]) -> serde_json::Value {
+        let items: Vec<_> = lines
+            .iter()
+            .map(|(p, q)| json!({"productId": p, "quantity": q}))
+            .collect();
+        json!({"type": "ReserveStock", "orderId": order, "items": items})
+    }
+
+    fn release(order: &str, lines: &[(&str, u64)]) -> serde_json::Value {
+        let mut m = reserve(order, lines);
+        m["type"] = json!("ReleaseStock");
+        m
+    }
+
+    #[tokio::test]
+    async fn when_reserving_twice_should_take_stock_once_and_answer_twice() {
+        let (h, store, queues) = handler();
+        let cmd = reserve("o-1", &[("p-1", 2), ("p-2", 4)]);
+        for _ in 0..2 {
+            let r = h
+                .handle(sqs_event(std::slice::from_ref(&cmd)))
+                .await
+                .unwrap();
+            assert!(failed(&r).is_empty());
+        }
+        assert_eq!(store.quantity("p-1"), Some(1));
+        assert_eq!(store.quantity("p-2"), Some(6));
+        let sent = queues.sent(COORDINATOR);
+        assert_eq!(sent.len(), 2);
+        assert!(sent
+            .iter()
+            .all(|m| m["type"] == "StockReserved" && m["orderId"] == "o-1"));
+    }
+
+    #[tokio::test]
+    async fn when_one_line_is_short_should_reserve_nothing_and_replay_the_rejection() {
+        let (h, store, queues) = handler();
+        let cmd = reserve("o-1", &[("p-2", 1), ("p-1", 4)]);
+        h.handle(sqs_event(std::slice::from_ref(&cmd)))
+            .await
+            .unwrap();
+        assert_eq!(store.quantity("p-2"), Some(10));
+        assert_eq!(store.quantity("p-1"), Some(3));
+        // Restocked before the redelivery: the recorded rejection stands.
+        store.add_product("p-1", 500, 100);
+        h.handle(sqs_event(&[cmd])).await.unwrap();
+        assert_eq!(store.quantity("p-1"), Some(100));
+        let sent = queues.sent(COORDINATOR);
+        assert_eq!(sent.len(), 2);
+        for m in sent {
+            assert_eq!(m["type"], "StockRejected");
+            assert_eq!(m["reason"], "INSUFFICIENT_STOCK");
+            assert_eq!(m["productId"], "p-1");
+        }
+        let unknown = reserve("o-2", &[("p-9", 1)]);
+        h.handle(sqs_event(&[unknown])).await.unwrap();
+        assert_eq!(queues.sent(COORDINATOR)[2]["reason"], "UNKNOWN_PRODUCT");
+    }
+
+    #[tokio::test]
+    async fn when_releasing_should_give_back_a_reservation_once_and_only_a_reservation() {
+        let (h, store, queues) = handler();
+        h.handle(sqs_event(&[release("o-0", &[("p-1", 1)])]))
+            .await
+            .unwrap();
+        assert_eq!(store.quantity("p-1"), Some(3));
+        assert!(
+            queues.sent(COORDINATOR).is_empty(),
+            "nothing reserved, nothing released"
+        );
+        h.handle(sqs_event(&[reserve("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            h.handle(sqs_event(&[release("o-1", &[("p-1", 2)])]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.quantity("p-1"), Some(3));
+        let types: Vec<_> = queues
+            .sent(COORDINATOR)
+            .iter()
+            .map(|m| m["type"].clone())
+            .collect();
+        assert_eq!(types, ["StockReserved", "StockReleased", "StockReleased"]);
+    }
+
+    #[tokio::test]
+    async fn when_a_record_is_malformed_or_cannot_be_sent_should_fail_only_that_record() {
+        let (h, store, queues) = handler();
+        let batch = [
+            reserve("o-1", &[("p-1", 1)]),
+            json!("not json"),
+            json!({"type": "ChargePayment", "orderId": "o-1"}),
+            reserve("o-2", &[("p-1", 0)]),
+        ];
+        let r = h.handle(sqs_event(&batch)).await.unwrap();
+        assert_eq!(failed(&r), ["m1", "m2", "m3"]);
+        assert_eq!(store.quantity("p-1"), Some(2));
+        // SQS refuses the answer: the record fails, and its retry answers without reserving again.
+        queues.refuse_next(1);
+        let cmd = reserve("o-3", &[("p-1", 1)]);
+        assert_eq!(
+            failed(
+                &h.handle(sqs_event(std::slice::from_ref(&cmd)))
+                    .await
+                    .unwrap()
+            ),
+            ["m0"]
+        );
+        assert!(failed(&h.handle(sqs_event(&[cmd])).await.unwrap()).is_empty());
+        assert_eq!(store.quantity("p-1"), Some(1));
+        assert_eq!(queues.sent(COORDINATOR).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn when_an_order_id_is_reused_with_other_items_should_refuse_it() {
+        let (h, store, _) = handler();
+        h.handle(sqs_event(&[reserve("o-1", &[("p-1", 1)])]))
+            .await
+            .unwrap();
+        let r = h
+            .handle(sqs_event(&[reserve("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        assert_eq!(failed(&r), ["m0"]);
+        assert_eq!(store.quantity("p-1"), Some(2));
     }
 }

@@ -6,20 +6,25 @@
 
 use lambda_runtime::LambdaEvent;
 use serde_json::{json, Value};
+use std::time::Duration;
 
-use crate::adapters::orders::OrderStore;
-use crate::adapters::sqs::Publisher;
+use super::Function;
+use crate::adapters::orders::DynamoOrders;
+use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
-use crate::config::SweeperConfig;
+use crate::config::{ConfigError, Lookup, SweeperConfig};
+use crate::faults::Faults;
 use crate::messages::SagaEvent;
+use crate::ports::{Orders, Publish};
 
 /// Most orders one run hands over; the rest wait for the next run.
 pub const MAX_PER_RUN: usize = 1_000;
 
-pub struct SweeperHandler {
-    orders: OrderStore,
-    publisher: Publisher,
-    config: SweeperConfig,
+pub struct SweeperHandler<O = DynamoOrders, P = SqsPublisher> {
+    orders: O,
+    publisher: P,
+    coordinator_queue_url: String,
+    order_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +36,41 @@ pub enum SweepError {
 }
 
 impl SweeperHandler {
+    /// The handler on DynamoDB and SQS.
     pub fn new(clients: &AwsClients, config: SweeperConfig) -> Self {
+        Self::with_ports(
+            DynamoOrders::new(clients.dynamodb.clone(), config.orders_table)
+                .with_pending_index(config.pending_index),
+            SqsPublisher::new(clients.sqs.clone()),
+            config.coordinator_queue_url,
+            config.order_timeout,
+        )
+    }
+}
+
+impl Function for SweeperHandler {
+    /// The sweeper has no fault points: `faults` is not used.
+    fn from_env(
+        clients: &AwsClients,
+        env: &impl Lookup,
+        _faults: Faults,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self::new(clients, SweeperConfig::load(env)?))
+    }
+}
+
+impl<O: Orders, P: Publish> SweeperHandler<O, P> {
+    pub fn with_ports(
+        orders: O,
+        publisher: P,
+        coordinator_queue_url: String,
+        order_timeout: Duration,
+    ) -> Self {
         Self {
-            orders: OrderStore::new(clients.dynamodb.clone(), config.orders_table.clone()),
-            publisher: Publisher::new(clients.sqs.clone()),
-            config,
+            orders,
+            publisher,
+            coordinator_queue_url,
+            order_timeout,
         }
     }
 
@@ -45,11 +80,8 @@ impl SweeperHandler {
     }
 
     pub async fn sweep(&self) -> Result<Value, SweepError> {
-        let cutoff_ms = crate::time::now_ms() - self.config.order_timeout.as_millis() as i64;
-        let ids = self
-            .orders
-            .pending_before(&self.config.pending_index, cutoff_ms, MAX_PER_RUN)
-            .await?;
+        let cutoff_ms = crate::time::now_ms() - self.order_timeout.as_millis() as i64;
+        let ids = self.orders.pending_before(cutoff_ms, MAX_PER_RUN).await?;
         let events = ids
             .iter()
             .map(|id| SagaEvent::OrderTimedOut {
@@ -58,7 +90,7 @@ impl SweeperHandler {
             })
             .collect::<Vec<_>>();
         self.publisher
-            .send_all(&self.config.coordinator_queue_url, &events)
+            .send_all(&self.coordinator_queue_url, &events)
             .await?;
         if !ids.is_empty() {
             tracing::info!(
@@ -68,5 +100,44 @@ impl SweeperHandler {
             );
         }
         Ok(json!({ "timedOut": ids.len(), "cutoffMs": cutoff_ms }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::memory::{MemoryQueues, MemoryStore};
+    use crate::domain::{ItemRequest, PlaceOrderRequest};
+
+    #[tokio::test]
+    async fn when_orders_are_pending_past_the_timeout_should_hand_them_to_the_coordinator() {
+        let store = MemoryStore::default();
+        let queues = MemoryQueues::default();
+        let request = PlaceOrderRequest {
+            customer_id: "c-1".into(),
+            items: vec![ItemRequest {
+                product_id: "p-1".into(),
+                quantity: 1,
+            }],
+            payment_method: None,
+        };
+        let now = crate::time::now_ms();
+        for (id, created) in [("old", now - 600_000), ("new", now)] {
+            let order =
+                crate::domain::price_order(id.into(), &request, |_| Some(1), created).unwrap();
+            store.insert_order(order);
+        }
+        let h = SweeperHandler::with_ports(
+            store.clone(),
+            queues.clone(),
+            "coordinator".into(),
+            Duration::from_secs(300),
+        );
+        let summary = h.sweep().await.unwrap();
+        assert_eq!(summary["timedOut"], 1);
+        let sent = queues.sent("coordinator");
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0]["type"], "OrderTimedOut");
+        assert_eq!(sent[0]["orderId"], "old");
     }
 }

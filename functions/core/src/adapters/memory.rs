@@ -1,0 +1,510 @@
+//! In-memory adapters of every port, for the handlers' unit tests.
+//!
+//! They keep the conditions the DynamoDB adapters write as expressions: an order is created
+//! once, a reservation takes every line or none (`quantity >= n`), a key is taken once, a
+//! failure cancels only a pending order, a timeout needs the cut-off. Those expressions
+//! themselves are proven against DynamoDB Local by the integration tests under `tests/`; these
+//! adapters only let the handlers' own logic be tested in milliseconds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::dynamo::StoreError;
+use super::payment::{
+    ChargeOutcome, ChargeRequest, ProviderError, RefundOutcome, RefundRequest, TOKEN_DECLINED,
+};
+use super::sqs::PublishError;
+use crate::domain::{Order, OrderStatus, Product, StockLine};
+use crate::idempotency::{
+    Claim, ClaimRequest, Completed, Idempotency, IdempotencyRecord, Status, StepKey,
+};
+use crate::messages::StockRejection;
+use crate::ports::{
+    CreateError, FactUpdate, Orders, PaymentProvider, Products, Publish, ReleaseOutcome,
+    ReserveOutcome, Stock, Update,
+};
+use crate::saga::Requires;
+
+/// The tables: orders, products and idempotency records, shared by every clone.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<Tables>>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    orders: BTreeMap<String, Order>,
+    products: BTreeMap<String, Product>,
+    records: HashMap<String, IdempotencyRecord>,
+}
+
+fn failed(op: &'static str, message: impl Into<String>) -> StoreError {
+    StoreError::Sdk {
+        op,
+        code: "ConditionalCheckFailedException".into(),
+        message: message.into(),
+    }
+}
+
+impl MemoryStore {
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.state.lock().expect("not poisoned")
+    }
+
+    /// A product as the tests set it up.
+    pub fn add_product(&self, id: &str, price_cents: u64, quantity: u64) {
+        self.tables().products.insert(
+            id.into(),
+            Product {
+                product_id: id.into(),
+                name: id.into(),
+                price_cents,
+                quantity,
+            },
+        );
+    }
+
+    pub fn quantity(&self, product_id: &str) -> Option<u64> {
+        self.tables().products.get(product_id).map(|p| p.quantity)
+    }
+
+    pub fn order(&self, order_id: &str) -> Option<Order> {
+        self.tables().orders.get(order_id).cloned()
+    }
+
+    pub fn orders(&self) -> Vec<Order> {
+        self.tables().orders.values().cloned().collect()
+    }
+
+    pub fn insert_order(&self, order: Order) {
+        self.tables().orders.insert(order.order_id.clone(), order);
+    }
+
+    pub fn record(&self, key: StepKey<'_>) -> Option<IdempotencyRecord> {
+        self.tables().records.get(&key.to_string()).cloned()
+    }
+}
+
+impl Tables {
+    /// The key's record, unless it outlived its TTL (the `KEY_FREE` condition).
+    fn live_record(&self, key: &str, now_ms: i64) -> Option<&IdempotencyRecord> {
+        self.records.get(key).filter(|r| !r.expired(now_ms))
+    }
+}
+
+impl Orders for MemoryStore {
+    async fn create(&self, order: &Order) -> Result<(), StoreError> {
+        let mut t = self.tables();
+        if t.orders.contains_key(&order.order_id) {
+            return Err(failed("create_order", "the order exists"));
+        }
+        t.orders.insert(order.order_id.clone(), order.clone());
+        Ok(())
+    }
+
+    async fn create_claimed(
+        &self,
+        order: &Order,
+        claim: &ClaimRequest<'_>,
+        now_ms: i64,
+    ) -> Result<Claim, CreateError> {
+        let mut t = self.tables();
+        let key = claim.key.to_string();
+        if let Some(existing) = t.records.get(&key) {
+            if !claim.may_replace(existing, now_ms) {
+                return Ok(Claim::Existing(existing.clone()));
+            }
+        }
+        if t.orders.contains_key(&order.order_id) {
+            return Err(failed("create_order_with_claim", "the order exists").into());
+        }
+        t.records
+            .insert(key, IdempotencyRecord::claimed(claim, now_ms));
+        t.orders.insert(order.order_id.clone(), order.clone());
+        Ok(Claim::Acquired)
+    }
+
+    async fn get(&self, order_id: &str) -> Result<Option<Order>, StoreError> {
+        Ok(self.order(order_id))
+    }
+
+    async fn apply(
+        &self,
+        order_id: &str,
+        update: &FactUpdate,
+        now_ms: i64,
+    ) -> Result<Update, StoreError> {
+        let mut t = self.tables();
+        let Some(order) = t.orders.get_mut(order_id) else {
+            return Ok(Update::NotFound);
+        };
+        if update
+            .cutoff_ms
+            .is_some_and(|cutoff| order.created_at_ms >= cutoff)
+        {
+            return Ok(Update::NotApplicable(order.clone()));
+        }
+        let before = order.saga_state();
+        let Some(next) = crate::saga::apply(&before, &update.fact) else {
+            return Ok(Update::NotApplicable(order.clone()));
+        };
+        order.status = next.status;
+        order.stock_status = next.stock;
+        order.payment_status = next.payment;
+        order.cancel_reason = next.cancel_reason;
+        if let Some(id) = &update.payment_id {
+            order.payment_id = Some(id.clone());
+        }
+        if before.status == OrderStatus::Pending && next.status == OrderStatus::Cancelled {
+            order.cancel_detail = update.cancel_detail.clone();
+            order.cancel_product_id = update.cancel_product_id.clone();
+            order.pending_sweep = None;
+        }
+        order.updated_at = crate::time::rfc3339(now_ms);
+        Ok(Update::Applied(order.clone()))
+    }
+
+    async fn confirm(&self, order_id: &str, now_ms: i64) -> Result<Update, StoreError> {
+        let mut t = self.tables();
+        let Some(order) = t.orders.get_mut(order_id) else {
+            return Ok(Update::NotFound);
+        };
+        if !Requires::PendingComplete.holds(&order.saga_state()) {
+            return Ok(Update::NotApplicable(order.clone()));
+        }
+        order.status = OrderStatus::Confirmed;
+        order.pending_sweep = None;
+        order.updated_at = crate::time::rfc3339(now_ms);
+        Ok(Update::Applied(order.clone()))
+    }
+
+    async fn pending_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let t = self.tables();
+        let mut pending = t
+            .orders
+            .values()
+            .filter(|o| o.pending_sweep.is_some() && o.created_at_ms < cutoff_ms)
+            .collect::<Vec<_>>();
+        pending.sort_by_key(|o| o.created_at_ms);
+        Ok(pending
+            .into_iter()
+            .take(limit)
+            .map(|o| o.order_id.clone())
+            .collect())
+    }
+}
+
+impl Products for MemoryStore {
+    async fn put(&self, product: &Product) -> Result<(), StoreError> {
+        self.tables()
+            .products
+            .insert(product.product_id.clone(), product.clone());
+        Ok(())
+    }
+
+    async fn get(&self, product_id: &str) -> Result<Option<Product>, StoreError> {
+        Ok(self.tables().products.get(product_id).cloned())
+    }
+
+    async fn prices(&self, product_ids: &[&str]) -> Result<HashMap<String, u64>, StoreError> {
+        let t = self.tables();
+        Ok(product_ids
+            .iter()
+            .filter_map(|id| t.products.get(*id))
+            .map(|p| (p.product_id.clone(), p.price_cents))
+            .collect())
+    }
+}
+
+impl Stock for MemoryStore {
+    async fn reserve(
+        &self,
+        lines: &[StockLine],
+        done: &Completed<'_>,
+        now_ms: i64,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let mut t = self.tables();
+        let key = done.key.to_string();
+        if let Some(existing) = t.live_record(&key, now_ms) {
+            return Ok(ReserveOutcome::AlreadyDone(existing.clone()));
+        }
+        for line in lines {
+            let reason = match t.products.get(&line.product_id) {
+                None => StockRejection::UnknownProduct,
+                Some(p) if p.quantity < line.quantity => StockRejection::InsufficientStock,
+                Some(_) => continue,
+            };
+            return Ok(ReserveOutcome::Rejected {
+                reason,
+                product_id: line.product_id.clone(),
+            });
+        }
+        for line in lines {
+            let product = t.products.get_mut(&line.product_id).expect("checked above");
+            product.quantity -= line.quantity;
+        }
+        t.records
+            .insert(key, IdempotencyRecord::completed(done, now_ms));
+        Ok(ReserveOutcome::Reserved)
+    }
+
+    async fn release(
+        &self,
+        lines: &[StockLine],
+        done: &Completed<'_>,
+        reservation: &Completed<'_>,
+        now_ms: i64,
+    ) -> Result<ReleaseOutcome, StoreError> {
+        let mut t = self.tables();
+        let key = done.key.to_string();
+        if let Some(existing) = t.live_record(&key, now_ms) {
+            return Ok(ReleaseOutcome::AlreadyDone(existing.clone()));
+        }
+        let reserved = t
+            .records
+            .get(&reservation.key.to_string())
+            .is_some_and(|r| r.result.as_deref() == Some(reservation.result));
+        if !reserved {
+            return Ok(ReleaseOutcome::NothingReserved);
+        }
+        if let Some(line) = lines
+            .iter()
+            .find(|l| !t.products.contains_key(&l.product_id))
+        {
+            return Err(failed(
+                "release_stock",
+                format!("product {} is gone", line.product_id),
+            ));
+        }
+        for line in lines {
+            let product = t.products.get_mut(&line.product_id).expect("checked above");
+            product.quantity += line.quantity;
+        }
+        t.records
+            .insert(key, IdempotencyRecord::completed(done, now_ms));
+        Ok(ReleaseOutcome::Released)
+    }
+}
+
+impl Idempotency for MemoryStore {
+    async fn claim(&self, req: &ClaimRequest<'_>, now_ms: i64) -> Result<Claim, StoreError> {
+        let mut t = self.tables();
+        let key = req.key.to_string();
+        if let Some(existing) = t.records.get(&key) {
+            if !req.may_replace(existing, now_ms) {
+                return Ok(Claim::Existing(existing.clone()));
+            }
+        }
+        t.records
+            .insert(key, IdempotencyRecord::claimed(req, now_ms));
+        Ok(Claim::Acquired)
+    }
+
+    async fn put_completed(&self, done: &Completed<'_>, now_ms: i64) -> Result<Claim, StoreError> {
+        let mut t = self.tables();
+        let key = done.key.to_string();
+        if let Some(existing) = t.live_record(&key, now_ms) {
+            return Ok(Claim::Existing(existing.clone()));
+        }
+        t.records
+            .insert(key, IdempotencyRecord::completed(done, now_ms));
+        Ok(Claim::Acquired)
+    }
+
+    async fn complete(&self, key: StepKey<'_>, result: &str) -> Result<(), StoreError> {
+        let mut t = self.tables();
+        let record = t
+            .records
+            .get_mut(&key.to_string())
+            .ok_or_else(|| failed("complete", "no such record"))?;
+        record.status = Status::Completed;
+        record.result = Some(result.into());
+        record.in_progress_until_ms = None;
+        Ok(())
+    }
+
+    async fn take_over(
+        &self,
+        key: StepKey<'_>,
+        seen_until_ms: i64,
+        new_until_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut t = self.tables();
+        match t.records.get_mut(&key.to_string()) {
+            Some(r)
+                if r.status == Status::InProgress
+                    && r.in_progress_until_ms == Some(seen_until_ms) =>
+            {
+                r.in_progress_until_ms = Some(new_until_ms);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release(&self, key: StepKey<'_>) -> Result<(), StoreError> {
+        let mut t = self.tables();
+        let key = key.to_string();
+        if t.records
+            .get(&key)
+            .is_some_and(|r| r.status == Status::InProgress)
+        {
+            t.records.remove(&key);
+        }
+        Ok(())
+    }
+
+    async fn expire_claim(&self, key: StepKey<'_>) -> Result<(), StoreError> {
+        let mut t = self.tables();
+        if let Some(r) = t.records.get_mut(&key.to_string()) {
+            if r.status == Status::InProgress {
+                r.in_progress_until_ms = Some(0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Queues: every message sent, by queue URL, in order. Can be told to refuse sends.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryQueues {
+    state: Arc<Mutex<QueueState>>,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    sent: Vec<(String, String)>,
+    refuse: usize,
+}
+
+impl MemoryQueues {
+    /// The bodies sent to `queue_url`, parsed as JSON.
+    pub fn sent(&self, queue_url: &str) -> Vec<serde_json::Value> {
+        let s = self.state.lock().expect("not poisoned");
+        s.sent
+            .iter()
+            .filter(|(q, _)| q == queue_url)
+            .map(|(_, body)| serde_json::from_str(body).expect("messages are JSON"))
+            .collect()
+    }
+
+    /// Makes the next `n` sends fail, as SQS does when it is unavailable.
+    pub fn refuse_next(&self, n: usize) {
+        self.state.lock().expect("not poisoned").refuse = n;
+    }
+}
+
+impl Publish for MemoryQueues {
+    async fn send_body(&self, queue_url: &str, body: String) -> Result<(), PublishError> {
+        self.send_bodies(queue_url, vec![body]).await
+    }
+
+    async fn send_bodies(&self, queue_url: &str, bodies: Vec<String>) -> Result<(), PublishError> {
+        let mut s = self.state.lock().expect("not poisoned");
+        if s.refuse > 0 {
+            s.refuse -= 1;
+            return Err(PublishError {
+                op: "SendMessage",
+                queue_url: queue_url.into(),
+                code: "ServiceUnavailable".into(),
+                message: "refused by the test".into(),
+            });
+        }
+        s.sent
+            .extend(bodies.into_iter().map(|b| (queue_url.to_string(), b)));
+        Ok(())
+    }
+}
+
+/// A payment provider that approves every card but `tok_chargeDeclined`, answers a repeated
+/// idempotency key with its first result, and can be made unavailable.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryProvider {
+    state: Arc<Mutex<ProviderState>>,
+}
+
+#[derive(Debug, Default)]
+struct ProviderState {
+    charges: BTreeMap<String, (u64, ChargeOutcome)>,
+    refunds: BTreeMap<String, (u64, RefundOutcome)>,
+    unavailable: usize,
+}
+
+impl MemoryProvider {
+    /// Charges that moved money: (idempotency key, amount).
+    pub fn charged(&self) -> Vec<(String, u64)> {
+        let s = self.state.lock().expect("not poisoned");
+        s.charges
+            .iter()
+            .filter(|(_, (_, o))| matches!(o, ChargeOutcome::Approved { .. }))
+            .map(|(k, (amount, _))| (k.clone(), *amount))
+            .collect()
+    }
+
+    pub fn refunded(&self) -> Vec<(String, u64)> {
+        let s = self.state.lock().expect("not poisoned");
+        s.refunds
+            .iter()
+            .map(|(k, (amount, _))| (k.clone(), *amount))
+            .collect()
+    }
+
+    /// Makes the next `n` calls fail without acting.
+    pub fn unavailable_for(&self, n: usize) {
+        self.state.lock().expect("not poisoned").unavailable = n;
+    }
+
+    fn available(s: &mut ProviderState) -> Result<(), ProviderError> {
+        if s.unavailable > 0 {
+            s.unavailable -= 1;
+            return Err(ProviderError("unavailable (test)".into()));
+        }
+        Ok(())
+    }
+}
+
+impl PaymentProvider for MemoryProvider {
+    async fn charge(&self, req: ChargeRequest<'_>) -> Result<ChargeOutcome, ProviderError> {
+        let mut s = self.state.lock().expect("not poisoned");
+        Self::available(&mut s)?;
+        let n = s.charges.len();
+        let (_, outcome) = s
+            .charges
+            .entry(req.idempotency_key.into())
+            .or_insert_with(|| {
+                let outcome = if req.payment_method == TOKEN_DECLINED {
+                    ChargeOutcome::Declined {
+                        reason: "CARD_DECLINED".into(),
+                    }
+                } else {
+                    ChargeOutcome::Approved {
+                        payment_id: format!("ch_{n}"),
+                    }
+                };
+                (req.amount_cents, outcome)
+            });
+        Ok(outcome.clone())
+    }
+
+    async fn refund(&self, req: RefundRequest<'_>) -> Result<RefundOutcome, ProviderError> {
+        let mut s = self.state.lock().expect("not poisoned");
+        Self::available(&mut s)?;
+        let n = s.refunds.len();
+        let (_, outcome) = s
+            .refunds
+            .entry(req.idempotency_key.into())
+            .or_insert_with(|| {
+                (
+                    req.amount_cents,
+                    RefundOutcome {
+                        refund_id: format!("re_{n}"),
+                    },
+                )
+            });
+        Ok(outcome.clone())
+    }
+}

@@ -1,0 +1,239 @@
+//! The ports: what the handlers need from the outside world, one small trait per capability.
+//!
+//! | port | production adapter | in-memory adapter |
+//! |---|---|---|
+//! | [`Orders`] | [`crate::adapters::orders::DynamoOrders`] | [`crate::adapters::memory::MemoryStore`] |
+//! | [`Products`] | [`crate::adapters::products::DynamoProducts`] | `MemoryStore` |
+//! | [`Stock`] | [`crate::adapters::stock::DynamoStock`] | `MemoryStore` |
+//! | [`Idempotency`] | [`crate::idempotency::dynamo::DynamoIdempotency`] | `MemoryStore` |
+//! | [`Publish`] | [`crate::adapters::sqs::SqsPublisher`] | [`crate::adapters::memory::MemoryQueues`] |
+//! | [`PaymentProvider`] | [`crate::adapters::payment::SimulatedProvider`] | (the simulator on `MemoryStore`) |
+//!
+//! The handlers are generic over these traits. Lambda and the local runner plug in the
+//! DynamoDB and SQS adapters; the handlers' unit tests plug in the in-memory ones, which keep
+//! the same conditions (all-or-nothing reservations, keys taken once) so the tests exercise the
+//! handlers' logic in milliseconds. The integration tests prove the DynamoDB expressions
+//! themselves, over the wire.
+
+use serde::Serialize;
+use std::collections::HashMap;
+use std::future::Future;
+
+use crate::adapters::dynamo::StoreError;
+use crate::adapters::payment::{
+    ChargeOutcome, ChargeRequest, ProviderError, RefundOutcome, RefundRequest,
+};
+use crate::adapters::sqs::PublishError;
+use crate::domain::{Order, Product, StockLine};
+use crate::idempotency::{Claim, ClaimRequest, Completed, IdempotencyRecord};
+use crate::messages::StockRejection;
+use crate::saga::Fact;
+
+pub use crate::idempotency::Idempotency;
+
+/// A fact with the data it carries onto the order.
+#[derive(Clone, Debug)]
+pub struct FactUpdate {
+    pub fact: Fact,
+    pub payment_id: Option<String>,
+    pub cancel_detail: Option<String>,
+    pub cancel_product_id: Option<String>,
+    /// For [`Fact::TimedOut`]: only orders created before this instant are cancelled.
+    pub cutoff_ms: Option<i64>,
+}
+
+impl FactUpdate {
+    pub fn new(fact: Fact) -> Self {
+        Self {
+            fact,
+            payment_id: None,
+            cancel_detail: None,
+            cancel_product_id: None,
+            cutoff_ms: None,
+        }
+    }
+}
+
+/// The result of a conditional update on an order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// The update was applied; the order as it is now.
+    Applied(Order),
+    /// The condition did not hold; the order as it is (unchanged).
+    NotApplicable(Order),
+    /// There is no such order.
+    NotFound,
+}
+
+impl Update {
+    pub fn order(&self) -> Option<&Order> {
+        match self {
+            Update::Applied(o) | Update::NotApplicable(o) => Some(o),
+            Update::NotFound => None,
+        }
+    }
+}
+
+/// Why an order and its idempotency claim were not created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// Another transaction on the same items was in flight (a concurrent duplicate).
+    #[error("a concurrent transaction touched the same items")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The orders table.
+pub trait Orders: Send + Sync {
+    /// Creates an order; never overwrites one.
+    fn create(&self, order: &Order) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Creates the order and claims the request's idempotency key, both or neither.
+    /// `Claim::Existing` when the key was already taken (nothing written).
+    fn create_claimed(
+        &self,
+        order: &Order,
+        claim: &ClaimRequest<'_>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Claim, CreateError>> + Send;
+
+    fn get(&self, order_id: &str)
+        -> impl Future<Output = Result<Option<Order>, StoreError>> + Send;
+
+    /// Applies a saga fact as one conditional update (two for a failure that arrives after the
+    /// order was already cancelled for another reason).
+    fn apply(
+        &self,
+        order_id: &str,
+        update: &FactUpdate,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Update, StoreError>> + Send;
+
+    /// Confirms an order whose stock is reserved and payment charged, if it is still pending.
+    fn confirm(
+        &self,
+        order_id: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Update, StoreError>> + Send;
+
+    /// Ids of orders still pending that were created before `cutoff_ms`, oldest first; at
+    /// most `limit`.
+    fn pending_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+}
+
+/// The products table: the catalogue.
+pub trait Products: Send + Sync {
+    /// Creates or replaces a product, setting its available stock.
+    fn put(&self, product: &Product) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn get(
+        &self,
+        product_id: &str,
+    ) -> impl Future<Output = Result<Option<Product>, StoreError>> + Send;
+
+    /// Current prices of the given products; unknown products are absent.
+    fn prices(
+        &self,
+        product_ids: &[&str],
+    ) -> impl Future<Output = Result<HashMap<String, u64>, StoreError>> + Send;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Reserved,
+    /// Already done for this order: the record of that attempt.
+    AlreadyDone(IdempotencyRecord),
+    /// Nothing reserved: this line was short or unknown.
+    Rejected {
+        reason: StockRejection,
+        product_id: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released,
+    AlreadyDone(IdempotencyRecord),
+    /// There is no successful reservation for this order: nothing to give back.
+    NothingReserved,
+}
+
+/// Stock levels: reservation and release, each all lines or none, each recorded once.
+pub trait Stock: Send + Sync {
+    /// Takes every line of an order from stock (`quantity >= n` for each), and records `done`
+    /// (the reservation step), in one write.
+    fn reserve(
+        &self,
+        lines: &[StockLine],
+        done: &Completed<'_>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
+
+    /// Gives back every line of a reservation whose record holds `reserved_result`, and records
+    /// `done` (the release step), in one write.
+    fn release(
+        &self,
+        lines: &[StockLine],
+        done: &Completed<'_>,
+        reservation: &Completed<'_>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<ReleaseOutcome, StoreError>> + Send;
+}
+
+/// Sending messages to a queue. An error is returned, never swallowed: the caller's record
+/// then fails and SQS retries it, and the step's idempotency record makes the retry
+/// re-publish.
+pub trait Publish: Send + Sync {
+    fn send_body(
+        &self,
+        queue_url: &str,
+        body: String,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Sends many bodies (in batches where the queue allows). Fails if any failed.
+    fn send_bodies(
+        &self,
+        queue_url: &str,
+        bodies: Vec<String>,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    fn send(
+        &self,
+        queue_url: &str,
+        message: &(impl Serialize + Sync),
+    ) -> impl Future<Output = Result<(), PublishError>> + Send {
+        self.send_body(queue_url, to_json(message))
+    }
+
+    fn send_all<M: Serialize + Sync>(
+        &self,
+        queue_url: &str,
+        messages: &[M],
+    ) -> impl Future<Output = Result<(), PublishError>> + Send {
+        self.send_bodies(queue_url, messages.iter().map(to_json).collect())
+    }
+}
+
+/// A message as JSON.
+pub fn to_json(message: &impl Serialize) -> String {
+    serde_json::to_string(message).expect("saga messages always serialize")
+}
+
+/// A payment provider. Implement this for a real one (Stripe, Adyen, ...). Every call carries
+/// an idempotency key, as real providers accept: a call repeated after a crash in the middle
+/// of the first one returns the first one's result and moves no money twice.
+pub trait PaymentProvider: Send + Sync {
+    fn charge(
+        &self,
+        req: ChargeRequest<'_>,
+    ) -> impl Future<Output = Result<ChargeOutcome, ProviderError>> + Send;
+    fn refund(
+        &self,
+        req: RefundRequest<'_>,
+    ) -> impl Future<Output = Result<RefundOutcome, ProviderError>> + Send;
+}
