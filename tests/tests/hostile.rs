@@ -1056,7 +1056,44 @@ fn api_request(input: &ApiInput) -> Option<lambda_http::Request> {
     };
     let mut ctx = Context::default();
     ctx.deadline = (saga_core::time::now_ms() + 5_000) as u64;
-    Some(builder.body(body).ok()?.with_lambda_context(ctx))
+    let mut request = builder.body(body).ok()?.with_lambda_context(ctx);
+    // What API Gateway adds: the route it matched, and the path parameters it extracted.
+    if let Some((route_key, params)) = gateway_route(input.method, &input.path) {
+        let mut gw = lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
+        gw.route_key = Some(route_key);
+        request = request
+            .with_request_context(lambda_http::request::RequestContext::ApiGatewayV2(gw))
+            .with_path_parameters(params);
+    }
+    Some(request)
+}
+
+/// The handler's route (`saga_core::handlers::api::ROUTES`) a method and path match, as API
+/// Gateway matches it: segment by segment, `{name}` taking one non-empty segment.
+fn gateway_route(
+    method: &str,
+    path: &str,
+) -> Option<(String, std::collections::HashMap<String, String>)> {
+    let path = path.split('?').next().unwrap_or_default();
+    let segments = path.trim_matches('/').split('/').collect::<Vec<_>>();
+    saga_core::handlers::api::ROUTES.iter().find_map(|route| {
+        let (m, template) = route.split_once(' ')?;
+        let parts = template.trim_matches('/').split('/').collect::<Vec<_>>();
+        if m != method || parts.len() != segments.len() {
+            return None;
+        }
+        let mut params = std::collections::HashMap::new();
+        for (part, segment) in parts.iter().zip(&segments) {
+            match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                Some(name) if !segment.is_empty() => {
+                    params.insert(name.to_string(), segment.to_string());
+                }
+                None if part == segment => {}
+                _ => return None,
+            }
+        }
+        Some((route.to_string(), params))
+    })
 }
 
 /// Runs `f` on a thread with a large stack (proptest's generators and the SDK's futures are

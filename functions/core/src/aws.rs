@@ -37,35 +37,56 @@ impl AwsClients {
         let region = get("AWS_REGION")
             .or_else(|| get("AWS_DEFAULT_REGION"))
             .ok_or(ConfigError::Missing("AWS_REGION"))?;
-        let config = aws_config::SdkConfig::builder()
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(region))
-            .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
-                aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
-            ))
-            .http_client(http_client())
-            .build();
+        let credentials = aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+        );
         let fallback = get("AWS_ENDPOINT_URL");
-        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&config);
-        if let Some(url) = get("AWS_ENDPOINT_URL_DYNAMODB").or_else(|| fallback.clone()) {
-            dynamodb = dynamodb.endpoint_url(url);
-        }
-        let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
-        if let Some(url) = get("AWS_ENDPOINT_URL_SQS").or(fallback) {
-            sqs = sqs.endpoint_url(url);
-        }
-        Ok(Self {
-            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
-            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
-        })
+        Ok(Self::build(Settings {
+            region,
+            credentials,
+            dynamodb_endpoint: get("AWS_ENDPOINT_URL_DYNAMODB").or_else(|| fallback.clone()),
+            sqs_endpoint: get("AWS_ENDPOINT_URL_SQS").or(fallback),
+            interceptor: None,
+        }))
     }
 
-    pub fn from_config(config: &aws_config::SdkConfig) -> Self {
+    /// The one way clients are built: in Lambda from the environment ([`Self::from_env`]), and
+    /// in the local runner and the tests with local endpoints, dummy credentials and, for the
+    /// call recording, an interceptor.
+    pub fn build(settings: Settings) -> Self {
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(settings.region))
+            .credentials_provider(settings.credentials)
+            .http_client(http_client())
+            .build();
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&config);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
+        if let Some(url) = settings.dynamodb_endpoint {
+            dynamodb = dynamodb.endpoint_url(url);
+        }
+        if let Some(url) = settings.sqs_endpoint {
+            sqs = sqs.endpoint_url(url);
+        }
+        if let Some(interceptor) = settings.interceptor {
+            dynamodb = dynamodb.interceptor(interceptor.clone());
+            sqs = sqs.interceptor(interceptor);
+        }
         Self {
-            dynamodb: aws_sdk_dynamodb::Client::new(config),
-            sqs: aws_sdk_sqs::Client::new(config),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
         }
     }
+}
+
+/// What [`AwsClients::build`] needs.
+pub struct Settings {
+    pub region: String,
+    pub credentials: aws_sdk_dynamodb::config::SharedCredentialsProvider,
+    pub dynamodb_endpoint: Option<String>,
+    pub sqs_endpoint: Option<String>,
+    /// Sees every call of both clients (the local runner records calls with it).
+    pub interceptor: Option<aws_smithy_runtime_api::client::interceptors::SharedInterceptor>,
 }
 
 #[cfg(test)]
