@@ -146,6 +146,16 @@ fn claim_req<'a>(
     }
 }
 
+/// A `POST /orders` request as API Gateway hands it to the function: with its route key.
+fn via_gateway(req: lambda_http::Request) -> lambda_http::Request {
+    let mut gw = lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
+    gw.route_key = Some("POST /orders".into());
+    lambda_http::RequestExt::with_request_context(
+        req,
+        lambda_http::request::RequestContext::ApiGatewayV2(gw),
+    )
+}
+
 fn existing(claim: Claim) -> IdempotencyRecord {
     match claim {
         Claim::Existing(record) => record,
@@ -679,7 +689,7 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
 
     // Explicit takeovers of one expired holder: one wins.
     s.claim(
-        &claim_req(step("race#api"), "h", now - 1_000, false),
+        &claim_req(step("api#race"), "h", now - 1_000, false),
         now - 2_000,
     )
     .await
@@ -687,7 +697,7 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
     let takers = (0..20).map(|i| {
         let s = s.clone();
         tokio::spawn(async move {
-            s.take_over(step("race#api"), now - 1_000, now + 60_000 + i)
+            s.take_over(step("api#race"), now - 1_000, now + 60_000 + i)
                 .await
                 .unwrap()
         })
@@ -941,7 +951,7 @@ async fn when_the_api_crashed_after_its_write_should_let_the_retry_finish_the_sa
         .header("idempotency-key", "key-crash-2")
         .body(lambda_http::Body::Text(body.to_string()))
         .unwrap();
-    let req = lambda_http::RequestExt::with_lambda_context(req, ctx);
+    let req = via_gateway(lambda_http::RequestExt::with_lambda_context(req, ctx));
     let crashed = crashing.handle(req).await.unwrap();
     assert_eq!(crashed.status(), 500);
     let orders = t.scan("OrdersTable").await;
@@ -997,7 +1007,9 @@ async fn when_sending_the_saga_messages_failed_should_let_the_next_retry_finish_
         .body(lambda_http::Body::Text(body.to_string()))
         .unwrap();
     let failed = broken
-        .handle(lambda_http::RequestExt::with_lambda_context(req, ctx))
+        .handle(via_gateway(lambda_http::RequestExt::with_lambda_context(
+            req, ctx,
+        )))
         .await
         .unwrap();
     assert_eq!(failed.status(), 503);
