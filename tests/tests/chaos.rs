@@ -66,7 +66,8 @@ async fn place_until_accepted(
     let key = uuid::Uuid::new_v4().to_string();
     let mut ids = HashSet::new();
     let deadline = Instant::now() + ACCEPT_WITHIN;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff =
+        local_runner::pacing::backoff(Duration::from_millis(200), Duration::from_secs(1));
     let mut first = true;
     loop {
         p.attempts.fetch_add(1, Ordering::Relaxed);
@@ -106,8 +107,7 @@ async fn place_until_accepted(
             r.raw
         );
         // A crashed request holds its key until its deadline (the function timeout in force).
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(1000));
+        tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
     }
 }
 

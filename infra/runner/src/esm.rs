@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::pacing::{self, Backoff, FunctionTimeout, Governor};
+use crate::pacing::{self, FunctionTimeout, Governor};
 
 /// An SQS call slower than this means the SQS stand-in is struggling: fewer pollers.
 const SLOW_SQS_CALL: Duration = Duration::from_secs(2);
@@ -102,7 +102,8 @@ enum Outcome {
 impl Poller {
     async fn run(self, paused: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
         let m = &self.m;
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let new_backoff = || pacing::backoff(Duration::from_millis(200), Duration::from_secs(10));
+        let mut backoff = new_backoff();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -124,7 +125,7 @@ impl Poller {
                 Ok(messages) => messages,
                 Err(e) => {
                     let limit = self.governor.congested();
-                    let delay = backoff.next_delay();
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(10));
                     tracing::warn!(function = %m.function, error = %e, pollers = limit, ?delay, "receive failed; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -133,7 +134,7 @@ impl Poller {
                     continue;
                 }
             };
-            backoff.reset();
+            backoff = new_backoff();
             if messages.is_empty() {
                 continue;
             }

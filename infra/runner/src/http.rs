@@ -10,6 +10,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lambda_http::{Body, Request, RequestExt, Response};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -29,7 +30,8 @@ pub type HttpFunction = Arc<
         + Sync,
 >;
 
-/// A route of the HTTP API: method and path template such as `/orders/{orderId}`.
+/// A route of the HTTP API: method (or `ANY`) and path template such as `/orders/{orderId}`
+/// or `/files/{proxy+}`; path `$default` is the catch-all route.
 #[derive(Clone, Debug)]
 pub struct RouteSpec {
     pub method: String,
@@ -37,52 +39,103 @@ pub struct RouteSpec {
 }
 
 impl RouteSpec {
-    /// The path parameters if this route matches.
-    fn matches(&self, method: &str, path: &str) -> Option<Map<String, Value>> {
-        if !self.method.eq_ignore_ascii_case(method) && self.method != "ANY" {
-            return None;
-        }
-        let want = self.path.trim_matches('/').split('/').collect::<Vec<_>>();
-        let got = path.trim_matches('/').split('/').collect::<Vec<_>>();
-        if want.len() != got.len() {
-            return None;
-        }
-        let mut params = Map::new();
-        for (w, g) in want.iter().zip(&got) {
-            if let Some(name) = w.strip_prefix('{').and_then(|w| w.strip_suffix('}')) {
-                if g.is_empty() {
-                    return None;
-                }
-                params.insert(name.to_string(), Value::String(percent_decode(g)));
-            } else if w != g {
-                return None;
-            }
-        }
-        Some(params)
-    }
-
+    /// The event's `routeKey`: `GET /orders/{orderId}`, or `$default`.
     pub fn route_key(&self) -> String {
-        format!("{} {}", self.method, self.path)
+        if self.path == DEFAULT_ROUTE {
+            DEFAULT_ROUTE.to_string()
+        } else {
+            format!("{} {}", self.method, self.path)
+        }
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
+/// The route key of the catch-all route.
+const DEFAULT_ROUTE: &str = "$default";
+
+/// Two routes of the template that cannot both be served.
+#[derive(Debug, thiserror::Error)]
+#[error("route {route}: {source}")]
+pub struct RouteError {
+    route: String,
+    #[source]
+    source: matchit::InsertError,
+}
+
+/// The HTTP API's routes, matched as API Gateway matches them: a route for the request's
+/// method before an `ANY` route, a literal segment before a `{parameter}`, and `$default`
+/// when nothing else matches.
+#[derive(Debug, Default)]
+pub struct Routes {
+    specs: Vec<RouteSpec>,
+    /// Per method (upper case, `ANY` too): path template -> index in `specs`.
+    by_method: HashMap<String, matchit::Router<usize>>,
+    default: Option<usize>,
+}
+
+impl Routes {
+    pub fn new(specs: Vec<RouteSpec>) -> Result<Self, RouteError> {
+        let mut routes = Routes::default();
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.path == DEFAULT_ROUTE {
+                routes.default = Some(i);
                 continue;
             }
+            routes
+                .by_method
+                .entry(spec.method.to_ascii_uppercase())
+                .or_default()
+                .insert(matchit_path(&spec.path), i)
+                .map_err(|source| RouteError {
+                    route: spec.route_key(),
+                    source,
+                })?;
         }
-        out.push(bytes[i]);
-        i += 1;
+        routes.specs = specs;
+        Ok(routes)
     }
-    String::from_utf8_lossy(&out).into_owned()
+
+    /// The route a request goes to, with its path parameters (percent-decoded).
+    pub fn find(&self, method: &str, path: &str) -> Option<(&RouteSpec, Map<String, Value>)> {
+        // Leading and trailing slashes do not count: `/orders/` is `/orders`.
+        let path = format!("/{}", path.trim_matches('/'));
+        let method = method.to_ascii_uppercase();
+        let found = [method.as_str(), "ANY"]
+            .iter()
+            .filter_map(|m| self.by_method.get(*m))
+            .find_map(|router| router.at(&path).ok());
+        let Some(found) = found else {
+            return self.default.map(|i| (&self.specs[i], Map::new()));
+        };
+        let params = found
+            .params
+            .iter()
+            .map(|(name, value)| (name.to_string(), Value::String(percent_decode(value))))
+            .collect();
+        Some((&self.specs[*found.value], params))
+    }
+}
+
+/// API Gateway's path template in matchit's syntax: `{name}` stays, the greedy `{name+}`
+/// becomes `{*name}`.
+fn matchit_path(path: &str) -> String {
+    let path = format!("/{}", path.trim_matches('/'));
+    path.split('/')
+        .map(
+            |segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix("+}")) {
+                Some(name) => format!("{{*{name}}}"),
+                None => segment.to_string(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// `%XX` decoded; what is not valid UTF-8 afterwards becomes U+FFFD, and a `%` without
+/// two hex digits stays as it is.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The API Gateway HTTP API event for a request.
@@ -176,6 +229,8 @@ pub fn api_gateway_event(
 }
 
 /// Serves the HTTP API until `shutdown` turns true. Returns the bound address at once.
+/// Routes that conflict (the same method and path twice, or `{a}` and `{b}` in the same
+/// place) are an `InvalidInput` error.
 pub async fn serve(
     addr: SocketAddr,
     routes: Vec<RouteSpec>,
@@ -183,9 +238,12 @@ pub async fn serve(
     function_timeout: Arc<FunctionTimeout>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let routes = Arc::new(
+        Routes::new(routes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+    );
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let routes = Arc::new(routes);
     let task = tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
@@ -234,7 +292,7 @@ fn plain(status: u16, body: Value) -> hyper::Response<Full<Bytes>> {
 
 async fn handle(
     req: hyper::Request<Incoming>,
-    routes: &[RouteSpec],
+    routes: &Routes,
     function: &HttpFunction,
     function_timeout: &FunctionTimeout,
 ) -> hyper::Response<Full<Bytes>> {
@@ -247,10 +305,7 @@ async fn handle(
         Err(_) => return plain(413, json!({"message": "Request Entity Too Large"})),
     };
     // API Gateway answers unknown routes itself.
-    let Some(route) = routes
-        .iter()
-        .find_map(|r| r.matches(&method, &path).map(|p| (r, p)))
-    else {
+    let Some(route) = routes.find(&method, &path) else {
         return plain(404, json!({"message": "Not Found"}));
     };
     let event = api_gateway_event(Some(route), &method, &path, &query, &headers, &body);
@@ -308,17 +363,101 @@ async fn handle(
 mod tests {
     use super::*;
 
+    fn route(method: &str, path: &str) -> RouteSpec {
+        RouteSpec {
+            method: method.into(),
+            path: path.into(),
+        }
+    }
+
+    /// The route key and parameters `method path` goes to.
+    fn found(routes: &Routes, method: &str, path: &str) -> Option<(String, Map<String, Value>)> {
+        routes
+            .find(method, path)
+            .map(|(r, params)| (r.route_key(), params))
+    }
+
     #[test]
     fn when_a_path_matches_a_template_route_should_extract_its_parameters() {
-        let r = RouteSpec {
-            method: "GET".into(),
-            path: "/orders/{orderId}".into(),
-        };
-        let p = r.matches("GET", "/orders/o%2D1").unwrap();
+        let routes = Routes::new(vec![route("GET", "/orders/{orderId}")]).unwrap();
+        let (key, p) = found(&routes, "GET", "/orders/o%2D1").unwrap();
         assert_eq!(p["orderId"], "o-1");
-        assert!(r.matches("POST", "/orders/o-1").is_none());
-        assert!(r.matches("GET", "/orders").is_none());
-        assert!(r.matches("GET", "/orders/").is_none());
+        assert_eq!(key, "GET /orders/{orderId}");
+        assert!(found(&routes, "POST", "/orders/o-1").is_none());
+        assert!(found(&routes, "GET", "/orders").is_none());
+        assert!(found(&routes, "GET", "/orders/").is_none());
+        assert!(found(&routes, "GET", "/orders/o-1/items").is_none());
+        // Methods match whatever their case; leading and trailing slashes do not count.
+        assert_eq!(
+            found(&routes, "get", "/orders/o-1/").unwrap().1["orderId"],
+            "o-1"
+        );
+    }
+
+    #[test]
+    fn when_routes_overlap_should_pick_as_api_gateway_does() {
+        let routes = Routes::new(vec![
+            route("GET", "/products/{productId}"),
+            route("PUT", "/products/{productId}"),
+            route("GET", "/products/featured"),
+            route("ANY", "/orders"),
+            route("POST", "/orders"),
+            route("GET", "/files/{proxy+}"),
+        ])
+        .unwrap();
+        let key = |method, path| found(&routes, method, path).map(|(k, _)| k);
+        let cases = [
+            ("GET", "/products/featured", Some("GET /products/featured")),
+            ("GET", "/products/p-1", Some("GET /products/{productId}")),
+            (
+                "PUT",
+                "/products/featured",
+                Some("PUT /products/{productId}"),
+            ),
+            ("DELETE", "/products/p-1", None),
+            ("POST", "/orders", Some("POST /orders")),
+            ("POST", "/orders/", Some("POST /orders")),
+            ("DELETE", "/orders", Some("ANY /orders")),
+            ("GET", "/files/a/b%20c", Some("GET /files/{proxy+}")),
+            ("GET", "/nowhere", None),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(key(method, path).as_deref(), want, "{method} {path}");
+        }
+        let (_, p) = found(&routes, "GET", "/files/a/b%20c").unwrap();
+        assert_eq!(p["proxy"], "a/b c");
+    }
+
+    #[test]
+    fn when_nothing_else_matches_should_take_the_default_route() {
+        let routes = Routes::new(vec![route("GET", "/a/{x}"), route("ANY", "$default")]).unwrap();
+        assert_eq!(found(&routes, "GET", "/a/1").unwrap().0, "GET /a/{x}");
+        let (key, params) = found(&routes, "POST", "/b").unwrap();
+        assert_eq!(key, "$default");
+        assert!(params.is_empty());
+    }
+
+    #[test]
+    fn when_routes_conflict_should_refuse_them() {
+        let err = Routes::new(vec![route("GET", "/a/{x}"), route("GET", "/a/{y}")]).unwrap_err();
+        assert!(err.to_string().contains("GET /a/{y}"), "{err}");
+        assert!(Routes::new(vec![route("GET", "/a/{x}"), route("PUT", "/a/{y}")]).is_ok());
+    }
+
+    #[test]
+    fn when_decoding_percent_escapes_should_keep_what_is_not_one() {
+        let cases = [
+            ("o%2D1", "o-1"),
+            ("%41%62", "Ab"),
+            ("100%", "100%"),
+            ("%zz%4", "%zz%4"),
+            ("caf%C3%A9", "café"),
+            ("%FF", "\u{FFFD}"),
+            ("a+b", "a+b"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(percent_decode(raw), want, "{raw}");
+        }
     }
 
     #[test]

@@ -1,25 +1,196 @@
-//! `saga-local`: the local runner's command line.
+//! `saga-local`: the local runner's command line (`saga-local --help` describes it).
 //!
 //! ```text
-//! saga-local run [--port 3000] [--no-seed]   the whole saga on 127.0.0.1 (what `make run` starts)
-//! saga-local services up|down                 start or stop DynamoDB Local and moto only
-//! saga-local stop                             stop the services a previous run left running
-//! saga-local redrive --queue NAME [--max N]   DLQ -> source queue (local names), or
-//! saga-local redrive --dlq-url URL --target-url URL [--max N] [--move-task --dlq-arn ARN]
+//! saga-local [run] [--port 3000] [--no-seed]   the whole saga on 127.0.0.1 (what `make run` starts)
+//! saga-local services up|down                   start or stop DynamoDB Local and moto only
+//! saga-local stop                               stop the services a previous run left running
+//! saga-local redrive --queue NAME [--max N]     DLQ -> source queue (local names), or
+//! saga-local redrive --dlq-url URL --target-url URL [--max N]
+//! saga-local redrive --dlq-url URL --move-task --dlq-arn ARN
 //! ```
-//! Environment: PAYMENT_FAILURE_RATE (default 0.1 for `run`), ORDER_TIMEOUT_SECONDS,
-//! SAGA_FAULTS (crash injection, e.g. `after_write=0.05`), SAGA_DUPLICATE_RATE,
-//! SAGA_VISIBILITY_TIMEOUT (also shortens function timeouts to match), SAGA_FUNCTION_TIMEOUT,
-//! SAGA_SWEEP_SECONDS, SAGA_PREFIX, RUST_LOG.
+//! Every setting of `run` can also come from the environment (`PAYMENT_FAILURE_RATE`,
+//! `SAGA_FAULTS`, ...), as `run --help` lists.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::Duration;
 
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use local_runner::services::{self, ServiceOptions};
 use local_runner::stack::{local_clients, Stack, StackOptions};
 use local_runner::template::Template;
 use saga_core::faults::Faults;
+
+/// The order saga on 127.0.0.1: DynamoDB Local, moto's SQS, the HTTP API and every function
+/// on its queue, as `template.yaml` declares them.
+#[derive(Parser, Debug)]
+#[command(
+    name = "saga-local",
+    version,
+    after_help = "With no command, saga-local runs `run`. RUST_LOG sets the log level \
+                  (error, warn, info, debug, trace; default info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the whole saga on 127.0.0.1 until Ctrl-C (what `make run` starts)
+    ///
+    /// Starts (or reuses) DynamoDB Local on 127.0.0.1:8000, with its data in .local/dynamodb,
+    /// and moto's SQS on 127.0.0.1:9324; creates the tables and queues of template.yaml; seeds
+    /// three demo products; serves the HTTP API; and runs every function on its queue as
+    /// Lambda's event source mapping does. Ctrl-C stops it and the services it started.
+    Run(RunArgs),
+    /// Start or stop DynamoDB Local and moto only
+    Services {
+        #[command(subcommand)]
+        action: Option<ServicesAction>,
+    },
+    /// Stop the services a previous run left running (what `make stop` does)
+    Stop,
+    /// Move the messages of a dead-letter queue back to its source queue
+    ///
+    /// Locally, by logical id: `--queue StockDeadLetterQueue` (or `StockQueue`) receives from
+    /// the DLQ, sends to its source queue, then deletes. Against real AWS (or any endpoint,
+    /// with credentials and region from the environment): `--dlq-url` with `--target-url`
+    /// does the same, and `--move-task` lets SQS move the messages instead.
+    Redrive(RedriveArgs),
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum ServicesAction {
+    /// Start them (or reuse them if they answer) and leave them running
+    Up,
+    /// Stop the ones recorded in .local/pids (the default)
+    Down,
+}
+
+/// The default `PAYMENT_FAILURE_RATE` of `run`.
+const PAYMENT_FAILURE_RATE: f64 = 0.1;
+
+/// The settings of `run` (a [`Parser`] too, for `saga-local` with no command).
+#[derive(Parser, Debug)]
+struct RunArgs {
+    /// The HTTP API's port on 127.0.0.1
+    #[arg(long, default_value_t = 3000)]
+    port: u16,
+
+    /// Do not create the demo products (p-mug, p-tee, p-poster; created only if absent)
+    #[arg(long)]
+    no_seed: bool,
+
+    /// Share of charges the payment simulator declines at random, 0.0 to 1.0
+    #[arg(
+        long,
+        env = "PAYMENT_FAILURE_RATE",
+        value_name = "RATE",
+        default_value_t = PAYMENT_FAILURE_RATE,
+        value_parser = blank_means(PAYMENT_FAILURE_RATE),
+    )]
+    payment_failure_rate: f64,
+
+    /// How long an order may stay pending before the sweeper cancels it; given to the
+    /// functions as it is (they take 300 when it is unset)
+    #[arg(long, env = "ORDER_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    order_timeout_seconds: Option<String>,
+
+    /// Crash injection, e.g. after_write=0.05,after_publish=0.05,in_payment=0.05 (none when
+    /// unset)
+    #[arg(long, env = "SAGA_FAULTS", value_name = "POINT=RATE,...", value_parser = parse_faults)]
+    faults: Option<Faults>,
+
+    /// Share of processed messages delivered a second time
+    #[arg(
+        long,
+        env = "SAGA_DUPLICATE_RATE",
+        value_name = "RATE",
+        default_value_t = 0.0,
+        value_parser = blank_means(0.0),
+    )]
+    duplicate_rate: f64,
+
+    /// Shorten every queue's visibility timeout, and every function's timeout to match unless
+    /// --function-timeout says otherwise. A floor: the runner lengthens it as invocations get
+    /// slower, never beyond the template's (the template's when unset)
+    #[arg(long, env = "SAGA_VISIBILITY_TIMEOUT", value_name = "SECONDS")]
+    visibility_timeout: Option<u64>,
+
+    /// Shorten every function's timeout; a floor, as above (the template's when unset)
+    #[arg(long, env = "SAGA_FUNCTION_TIMEOUT", value_name = "SECONDS")]
+    function_timeout: Option<u64>,
+
+    /// How often the sweeper runs (the template's schedule when unset)
+    #[arg(long, env = "SAGA_SWEEP_SECONDS", value_name = "SECONDS")]
+    sweep_seconds: Option<u64>,
+
+    /// Prepended to every table and queue name (none when unset)
+    #[arg(long, env = "SAGA_PREFIX", value_parser = blank_means(String::new()))]
+    prefix: Option<String>,
+}
+
+/// The settings of `redrive`: where from (`--queue` or `--dlq-url`) and where to.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("from").required(true).args(["queue", "dlq_url"])))]
+struct RedriveArgs {
+    /// The DLQ or its source queue, by logical id in template.yaml (e.g.
+    /// StockDeadLetterQueue or StockQueue)
+    #[arg(long, value_name = "NAME")]
+    queue: Option<String>,
+
+    /// The DLQ's URL
+    #[arg(long, value_name = "URL")]
+    dlq_url: Option<String>,
+
+    /// The queue --dlq-url's messages go back to
+    #[arg(long, value_name = "URL", conflicts_with = "queue")]
+    target_url: Option<String>,
+
+    /// Start an SQS message move task from --dlq-arn instead (not on moto)
+    #[arg(long, requires = "dlq_arn", conflicts_with_all = ["queue", "target_url"])]
+    move_task: bool,
+
+    /// The DLQ's ARN, for --move-task
+    #[arg(long, value_name = "ARN", conflicts_with = "queue")]
+    dlq_arn: Option<String>,
+
+    /// Move at most this many messages (all when unset)
+    #[arg(long, value_name = "N")]
+    max: Option<usize>,
+
+    /// The local resources' name prefix, as `run` was given it (none when unset)
+    #[arg(long, env = "SAGA_PREFIX", value_parser = blank_means(String::new()))]
+    prefix: Option<String>,
+
+    /// The local SQS endpoint, for --queue
+    #[arg(
+        long,
+        env = "SAGA_SQS_ENDPOINT",
+        value_name = "URL",
+        default_value = "http://127.0.0.1:9324"
+    )]
+    sqs_endpoint: String,
+}
+
+/// A value parser that ignores surrounding blanks and takes a blank value as `default`: how
+/// the runner has always read PAYMENT_FAILURE_RATE, SAGA_DUPLICATE_RATE and SAGA_PREFIX.
+fn blank_means<T>(default: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    move |raw: &str| match raw.trim() {
+        "" => Ok(default.clone()),
+        value => value.parse().map_err(|e: T::Err| e.to_string()),
+    }
+}
+
+fn parse_faults(raw: &str) -> Result<Faults, String> {
+    Faults::parse(raw.trim())
+}
 
 fn repo_root() -> PathBuf {
     // The binary is run from the repository (the Makefile does); fall back to the source tree.
@@ -31,59 +202,27 @@ fn repo_root() -> PathBuf {
     }
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|_| format!("{name}={v:?} is not valid")),
-        _ => Ok(default),
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
+    let command = Cli::parse().command.unwrap_or_else(|| {
+        // No command is `run` with its defaults (and the environment).
+        Cmd::Run(RunArgs::parse_from(["saga-local run"]))
+    });
     saga_core::telemetry::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        None | Some("run") => run(&args).await,
-        Some("services") => match args.get(1).map(String::as_str) {
-            Some("up") => services_up().await,
-            Some("down") | None => {
-                let n = services::stop_from_pid_files(&repo_root());
-                println!("stopped {n} local service(s)");
-                Ok(())
-            }
-            Some(other) => Err(format!(
-                "unknown services command {other:?}; use up or down"
-            )),
-        },
-        Some("stop") => {
+    let result = match command {
+        Cmd::Run(args) => run(args).await,
+        Cmd::Services {
+            action: Some(ServicesAction::Up),
+        } => services_up().await,
+        Cmd::Services {
+            action: None | Some(ServicesAction::Down),
+        }
+        | Cmd::Stop => {
             let n = services::stop_from_pid_files(&repo_root());
             println!("stopped {n} local service(s)");
             Ok(())
         }
-        Some("redrive") => redrive(&args).await,
-        Some("-h") | Some("--help") | Some("help") => {
-            println!(
-                "{}",
-                include_str!("main.rs")
-                    .lines()
-                    .skip(2)
-                    .take(12)
-                    .map(|l| l.trim_start_matches("//! ").trim_start_matches("//!"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            Ok(())
-        }
-        Some(other) => Err(format!("unknown command {other:?}; try --help")),
+        Cmd::Redrive(args) => redrive(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,7 +248,7 @@ async fn services_up() -> Result<(), String> {
     Ok(())
 }
 
-async fn run(args: &[String]) -> Result<(), String> {
+async fn run(args: RunArgs) -> Result<(), String> {
     let root = repo_root();
     let mut service_opts = ServiceOptions::new(root.clone());
     service_opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
@@ -120,44 +259,33 @@ async fn run(args: &[String]) -> Result<(), String> {
     let mut opts = StackOptions::new(&root);
     opts.dynamodb_endpoint = services.dynamodb_endpoint();
     opts.sqs_endpoint = services.sqs_endpoint();
-    let port: u16 = flag(args, "--port")
-        .map(|p| p.parse().map_err(|_| format!("bad --port {p}")))
-        .transpose()?
-        .unwrap_or(3000);
-    opts.http_addr = ([127, 0, 0, 1], port).into();
-    opts.prefix = env_or("SAGA_PREFIX", String::new())?;
-    let rate: f64 = env_or("PAYMENT_FAILURE_RATE", 0.1)?;
+    opts.http_addr = ([127, 0, 0, 1], args.port).into();
+    opts.prefix = args.prefix.unwrap_or_default();
+    let rate = args.payment_failure_rate;
     opts.env_overrides
         .insert("PAYMENT_FAILURE_RATE".into(), rate.to_string());
-    if let Ok(t) = std::env::var("ORDER_TIMEOUT_SECONDS") {
+    if let Some(t) = args.order_timeout_seconds {
         opts.env_overrides.insert("ORDER_TIMEOUT_SECONDS".into(), t);
     }
-    opts.faults = Faults::parse(&env_or("SAGA_FAULTS", String::new())?)?;
-    opts.duplicate_rate = env_or("SAGA_DUPLICATE_RATE", 0.0)?;
-    if let Ok(v) = std::env::var("SAGA_VISIBILITY_TIMEOUT") {
-        let secs: u64 = v
-            .parse()
-            .map_err(|_| "SAGA_VISIBILITY_TIMEOUT must be whole seconds")?;
-        opts.visibility_timeout = Some(secs as i32);
+    opts.faults = args.faults.unwrap_or_default();
+    opts.duplicate_rate = args.duplicate_rate;
+    if let Some(secs) = args.visibility_timeout {
+        opts.visibility_timeout = Some(i32::try_from(secs).map_err(|_| {
+            format!("--visibility-timeout (SAGA_VISIBILITY_TIMEOUT) {secs} is too large")
+        })?);
         // A function must not outlive its message's visibility, or a redelivery would find its
-        // claim still held: unless SAGA_FUNCTION_TIMEOUT says otherwise, shorten it to match.
+        // claim still held: unless --function-timeout says otherwise, shorten it to match.
         // Both are floors: they grow with the invocations' durations up to the template's.
         opts.function_timeout = Some(Duration::from_secs(secs.max(1)));
     }
-    if let Ok(v) = std::env::var("SAGA_FUNCTION_TIMEOUT") {
-        opts.function_timeout =
-            Some(Duration::from_secs(v.parse().map_err(|_| {
-                "SAGA_FUNCTION_TIMEOUT must be whole seconds"
-            })?));
+    if let Some(secs) = args.function_timeout {
+        opts.function_timeout = Some(Duration::from_secs(secs));
     }
-    if let Ok(v) = std::env::var("SAGA_SWEEP_SECONDS") {
-        opts.sweep_every = Some(Duration::from_secs(
-            v.parse()
-                .map_err(|_| "SAGA_SWEEP_SECONDS must be whole seconds")?,
-        ));
+    if let Some(secs) = args.sweep_seconds {
+        opts.sweep_every = Some(Duration::from_secs(secs));
     }
     let stack = Stack::start(opts).await.map_err(|e| e.to_string())?;
-    if !args.iter().any(|a| a == "--no-seed") {
+    if !args.no_seed {
         seed(&stack).await?;
     }
     print_banner(
@@ -259,33 +387,43 @@ fn print_banner(stack: &Stack, rate: f64, dynamodb: &str, sqs: &str) {
     println!("  curl -s {api}/products/p-mug\n");
 }
 
-async fn redrive(args: &[String]) -> Result<(), String> {
-    let max = flag(args, "--max")
-        .map(|m| m.parse::<usize>().map_err(|_| "bad --max"))
-        .transpose()?;
-    if let Some(dlq_url) = flag(args, "--dlq-url") {
+async fn redrive(args: RedriveArgs) -> Result<(), String> {
+    let max = args.max;
+    if let Some(dlq_url) = args.dlq_url {
+        enum Remote {
+            MoveTask { dlq_arn: String },
+            To { target_url: String },
+        }
+        // clap has made sure that --move-task comes with --dlq-arn.
+        let remote = match (args.dlq_arn.filter(|_| args.move_task), args.target_url) {
+            (Some(dlq_arn), _) => Remote::MoveTask { dlq_arn },
+            (None, Some(target_url)) => Remote::To { target_url },
+            (None, None) => return Err("--dlq-url needs --target-url (or --move-task)".into()),
+        };
         // Against real AWS (or any endpoint): credentials and region from the environment.
         let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .http_client(saga_core::aws::http_client())
             .load()
             .await;
         let sqs = aws_sdk_sqs::Client::new(&config);
-        if args.iter().any(|a| a == "--move-task") {
-            let arn = flag(args, "--dlq-arn").ok_or("--move-task needs --dlq-arn")?;
-            let handle = local_runner::redrive::start_move_task(&sqs, &arn)
-                .await
-                .map_err(|e| e.to_string())?;
-            println!("started message move task {handle}");
-            return Ok(());
+        match remote {
+            Remote::MoveTask { dlq_arn } => {
+                let handle = local_runner::redrive::start_move_task(&sqs, &dlq_arn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!("started message move task {handle}");
+            }
+            Remote::To { target_url } => {
+                let moved = local_runner::redrive::redrive(&sqs, &dlq_url, &target_url, max)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!("moved {moved} message(s) from {dlq_url} to {target_url}");
+            }
         }
-        let target = flag(args, "--target-url").ok_or("--dlq-url needs --target-url")?;
-        let moved = local_runner::redrive::redrive(&sqs, &dlq_url, &target, max)
-            .await
-            .map_err(|e| e.to_string())?;
-        println!("moved {moved} message(s) from {dlq_url} to {target}");
         return Ok(());
     }
-    let queue = flag(args, "--queue")
+    let queue = args
+        .queue
         .ok_or("redrive needs --queue NAME (e.g. StockDeadLetterQueue or StockQueue)")?;
     let template =
         Template::from_file(repo_root().join("template.yaml")).map_err(|e| e.to_string())?;
@@ -301,13 +439,8 @@ async fn redrive(args: &[String]) -> Result<(), String> {
         .ok_or_else(|| {
             format!("{queue} is neither a queue with a DLQ nor a DLQ in template.yaml")
         })?;
-    let prefix = env_or("SAGA_PREFIX", String::new())?;
-    let clients = local_clients(
-        "http://127.0.0.1:8000",
-        &std::env::var("SAGA_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9324".into()),
-        "us-east-1",
-    )
-    .await;
+    let prefix = args.prefix.unwrap_or_default();
+    let clients = local_clients("http://127.0.0.1:8000", &args.sqs_endpoint, "us-east-1").await;
     let url = |name: String| {
         let sqs = clients.sqs.clone();
         async move {
@@ -331,4 +464,93 @@ async fn redrive(args: &[String]) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("moved {moved} message(s) from {dlq} to {source}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        RunArgs::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("saga-local").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn parses_every_command() {
+        assert!(parse(&[]).unwrap().command.is_none());
+        let Some(Cmd::Run(run)) = parse(&["run", "--port", "3001", "--no-seed"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run");
+        };
+        assert_eq!((run.port, run.no_seed), (3001, true));
+        assert!(parse(&["run", "--port", "x"]).is_err());
+        assert!(matches!(
+            parse(&["services"]).unwrap().command,
+            Some(Cmd::Services { action: None })
+        ));
+        assert!(matches!(
+            parse(&["services", "up"]).unwrap().command,
+            Some(Cmd::Services {
+                action: Some(ServicesAction::Up)
+            })
+        ));
+        assert!(parse(&["services", "sideways"]).is_err());
+        assert!(matches!(parse(&["stop"]).unwrap().command, Some(Cmd::Stop)));
+        assert!(parse(&["launch"]).is_err());
+    }
+
+    fn redrive_args(args: &[&str]) -> Result<RedriveArgs, clap::Error> {
+        match parse(&[&["redrive"], args].concat())?.command {
+            Some(Cmd::Redrive(r)) => Ok(r),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn redrive_needs_a_source_and_a_target() {
+        let r = redrive_args(&["--queue", "StockQueue", "--max", "5"]).unwrap();
+        assert_eq!((r.queue.as_deref(), r.max), (Some("StockQueue"), Some(5)));
+        let r = redrive_args(&["--dlq-url", "d", "--target-url", "t"]).unwrap();
+        assert_eq!(
+            (r.dlq_url.as_deref(), r.target_url.as_deref()),
+            (Some("d"), Some("t"))
+        );
+        let r = redrive_args(&["--dlq-url", "d", "--move-task", "--dlq-arn", "arn"]).unwrap();
+        assert!(r.move_task && r.dlq_arn.as_deref() == Some("arn"));
+        for wrong in [
+            &[][..],
+            &["--max", "5"],
+            &["--max", "x", "--queue", "Q"],
+            &["--dlq-url", "d", "--move-task"],
+            &["--queue", "Q", "--move-task", "--dlq-arn", "arn"],
+            &["--queue", "Q", "--dlq-url", "d", "--target-url", "t"],
+            &["--queue", "Q", "--target-url", "t"],
+            &["--queue", "Q", "--dlq-arn", "arn"],
+        ] {
+            assert!(redrive_args(wrong).is_err(), "{wrong:?}");
+        }
+        let only_dlq = redrive_args(&["--dlq-url", "d"]).unwrap();
+        let err = redrive(only_dlq).await.unwrap_err();
+        assert!(err.contains("--dlq-url needs --target-url"), "{err}");
+    }
+
+    #[test]
+    fn blank_settings_mean_the_default_and_blanks_around_a_value_do_not_count() {
+        let rate = blank_means(0.1);
+        assert_eq!(rate(""), Ok(0.1));
+        assert_eq!(rate("  "), Ok(0.1));
+        assert_eq!(rate(" 0.5 "), Ok(0.5));
+        assert!(rate("often").is_err());
+        assert_eq!(blank_means(String::new())(" t1- "), Ok("t1-".to_string()));
+        assert!(parse_faults(" ").is_ok());
+        assert!(parse_faults("nowhere=0.5").is_err());
+    }
 }

@@ -14,6 +14,7 @@
 //!   receive error, a failed or timed-out invocation, or a slow SQS call, and adds one poller
 //!   back after a run of healthy batches (additive increase, multiplicative decrease).
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -157,36 +158,19 @@ impl Governor {
     }
 }
 
-/// Exponential back-off with full jitter: `base`, `2 base`, ... up to `cap`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next delay (random, up to the current step), and a step up.
-    pub fn next_delay(&mut self) -> Duration {
-        let step = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        step.mul_f64(0.5 + fastrand::f64() / 2.0)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// The runner's one back-off (the event source mappings' receive errors, provisioning's waits,
+/// the tests' retries): exponential with jitter and without end, from `base / 2 ..= base` up
+/// to `cap / 2 ..= cap`, doubling. Iterate it for the delays; take a fresh one to start again
+/// from `base`; or give it to [`backon::Retryable::retry`].
+pub fn backoff(base: Duration, cap: Duration) -> ExponentialBackoff {
+    // backon's jitter adds up to as much again as the step, so the steps are half of each.
+    ExponentialBuilder::new()
+        .with_min_delay(base / 2)
+        .with_max_delay(cap / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -280,15 +264,17 @@ mod tests {
 
     #[test]
     fn when_backing_off_should_grow_to_the_cap_and_reset() {
-        let mut b = Backoff::new(MS(100), S(2));
-        let first = b.next_delay();
+        let mut b = backoff(MS(100), S(2));
+        let first = b.next().unwrap();
         assert!(first >= MS(50) && first <= MS(100), "{first:?}");
         for _ in 0..10 {
-            b.next_delay();
+            b.next();
         }
-        let late = b.next_delay();
+        let late = b.next().unwrap();
         assert!(late >= S(1) && late <= S(2), "{late:?}");
-        b.reset();
-        assert!(b.next_delay() <= MS(100));
+        // Without end.
+        assert!(b.nth(1_000).is_some_and(|d| d <= S(2)));
+        let mut b = backoff(MS(100), S(2));
+        assert!(b.next().unwrap() <= MS(100));
     }
 }

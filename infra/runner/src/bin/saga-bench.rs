@@ -12,23 +12,43 @@ use std::net::TcpListener;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::{Parser, Subcommand};
 use local_runner::counting::{Call, CallCounter};
 use local_runner::services::{self, ServiceOptions};
 use local_runner::stack::{local_clients, Stack, StackOptions};
 
 const COLD_START_BUDGET_MS: f64 = 10.0;
 
+/// Measures the design budgets (`make bench` runs it); exits non-zero when one is exceeded.
+#[derive(Parser, Debug)]
+#[command(name = "saga-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Process start -> first GET .../invocation/next of each Lambda binary (budget: a median
+    /// of 10 ms)
+    ColdStart {
+        /// Starts per binary
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// The functions' release binaries
+        binaries: Vec<String>,
+    },
+    /// AWS calls made for one confirmed order, against the local stack (run from the
+    /// repository)
+    Calls,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let ok = match args.first().map(String::as_str) {
-        Some("cold-start") => cold_start(&args[1..]),
-        Some("calls") => tokio::runtime::Runtime::new()
+    let ok = match Cli::parse().command {
+        Cmd::ColdStart { runs, binaries } => cold_start(runs, &binaries),
+        Cmd::Calls => tokio::runtime::Runtime::new()
             .expect("runtime")
             .block_on(calls()),
-        _ => {
-            eprintln!("usage: saga-bench cold-start [--runs N] BINARY... | saga-bench calls");
-            false
-        }
     };
     if ok {
         ExitCode::SUCCESS
@@ -71,26 +91,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn cold_start(args: &[String]) -> bool {
-    let mut runs = 30usize;
-    let mut binaries = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "--runs" {
-            runs = args.get(i + 1).and_then(|r| r.parse().ok()).unwrap_or(runs);
-            i += 2;
-        } else {
-            binaries.push(args[i].clone());
-            i += 1;
-        }
-    }
+fn cold_start(runs: usize, binaries: &[String]) -> bool {
     let mut ok = true;
     println!("cold start: process start -> first GET /2018-06-01/runtime/invocation/next ({runs} runs each; budget {COLD_START_BUDGET_MS} ms)");
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>8}",
         "function", "min ms", "median", "p95", "max"
     );
-    for binary in &binaries {
+    for binary in binaries {
         let name = std::path::Path::new(binary)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -337,4 +345,35 @@ async fn calls() -> bool {
     )
     .await;
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn parses_both_commands() {
+        Cli::command().debug_assert();
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("saga-bench").chain(args.iter().copied()))
+        };
+        let Cmd::ColdStart { runs, binaries } = parse(&["cold-start", "a", "--runs", "5", "b"])
+            .unwrap()
+            .command
+        else {
+            panic!("not cold-start");
+        };
+        assert_eq!(
+            (runs, binaries),
+            (5, vec!["a".to_string(), "b".to_string()])
+        );
+        let Cmd::ColdStart { runs, .. } = parse(&["cold-start", "a"]).unwrap().command else {
+            panic!("not cold-start");
+        };
+        assert_eq!(runs, 30);
+        assert!(matches!(parse(&["calls"]).unwrap().command, Cmd::Calls));
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["cold-start", "--runs", "many", "a"]).is_err());
+    }
 }
