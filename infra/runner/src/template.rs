@@ -62,6 +62,10 @@ pub struct Template {
     pub tables: Vec<TableSpec>,
     pub queues: Vec<QueueSpec>,
     pub functions: Vec<FunctionSpec>,
+    /// `AWS::IAM::Role` resources, with the statements of every policy attached to them.
+    pub roles: Vec<RoleSpec>,
+    /// `AWS::CloudWatch::Alarm` resources.
+    pub alarms: Vec<AlarmSpec>,
     /// Every resource's logical id and type, for error messages about references.
     pub resource_types: BTreeMap<String, String>,
     document: Value,
@@ -161,6 +165,17 @@ pub struct FunctionSpec {
     pub http_routes: Vec<(String, String)>,
     /// Events of other types, as `(event name, type)`: not run locally.
     pub other_events: Vec<(String, String)>,
+    /// The role's logical id, from `Role: !GetAtt XRole.Arn` (an `AWS::IAM::Role` of the
+    /// template); `None` when the function has no `Role` (SAM would generate one).
+    pub role: Option<String>,
+    /// `LoggingConfig.LogGroup` (function, else `Globals.Function`): the logical id of the
+    /// `AWS::Logs::LogGroup` in `!Ref LogGroup`.
+    pub log_group: Option<String>,
+    /// `Tracing` after merging `Globals.Function` (`Active`, `PassThrough`).
+    pub tracing: Option<String>,
+    /// Whether the function has SAM `Policies` (policy templates or statements, which SAM
+    /// turns into a generated role; their content is not read).
+    pub sam_policies: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,6 +200,75 @@ pub struct ScheduleSpec {
     /// The period of a `rate(...)` expression; `None` for `cron(...)`.
     pub every: Option<Duration>,
     pub enabled: bool,
+}
+
+/// An `AWS::IAM::Role`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub logical_id: String,
+    /// The statements of its inline `Policies`, then those of every `AWS::IAM::Policy` or
+    /// `AWS::IAM::ManagedPolicy` resource that names the role in its `Roles`.
+    pub statements: Vec<PolicyStatement>,
+    /// `ManagedPolicyArns` as written: a literal ARN, or an intrinsic as `!Sub "..."`.
+    pub managed_policy_arns: Vec<String>,
+    /// The `Principal.Service` values of `AssumeRolePolicyDocument` (e.g.
+    /// `lambda.amazonaws.com`).
+    pub assumed_by: Vec<String>,
+}
+
+/// One statement of a policy document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyStatement {
+    /// The inline policy's `PolicyName`; for an `AWS::IAM::Policy` or
+    /// `AWS::IAM::ManagedPolicy` resource, its logical id.
+    pub policy_name: String,
+    pub sid: Option<String>,
+    pub effect: Effect,
+    /// `Action`, one or a list, as written (e.g. `dynamodb:GetItem`).
+    pub actions: Vec<String>,
+    /// `Resource`, one or a list.
+    pub resources: Vec<ResourceRef>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// An entry of a statement's `Resource`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResourceRef {
+    /// `"*"`.
+    Any,
+    /// The ARN of a resource of the template, and what follows it: `!GetAtt X.Arn` has the
+    /// suffix `""`; `!Sub "${X.Arn}/index/*"` has `/index/*`.
+    Arn { logical_id: String, suffix: String },
+    /// Any other plain string (an ARN written out).
+    Literal(String),
+}
+
+/// An `AWS::CloudWatch::Alarm`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlarmSpec {
+    pub logical_id: String,
+    pub namespace: Option<String>,
+    pub metric_name: Option<String>,
+    /// `Dimensions`, as `(Name, Value)`.
+    pub dimensions: Vec<(String, DimensionValue)>,
+    /// `AlarmActions`: the logical id of each `!Ref X`, or the literal ARN.
+    pub alarm_actions: Vec<String>,
+}
+
+/// The `Value` of an alarm's dimension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DimensionValue {
+    GetAtt {
+        logical_id: String,
+        attribute: String,
+    },
+    Ref(String),
+    Literal(String),
 }
 
 /// The value of an environment variable as the template writes it.
@@ -248,6 +332,10 @@ impl Template {
 
     pub fn table(&self, logical_id: &str) -> Option<&TableSpec> {
         self.tables.iter().find(|t| t.logical_id == logical_id)
+    }
+
+    pub fn role(&self, logical_id: &str) -> Option<&RoleSpec> {
+        self.roles.iter().find(|r| r.logical_id == logical_id)
     }
 
     /// A parameter's effective value: its override, else its default.
@@ -320,10 +408,60 @@ impl Template {
                 }
             }
         }
+        let mut roles = Vec::new();
+        let mut alarms = Vec::new();
         for (id, resource) in resources {
             let id = key_str(id, "Resources")?;
-            if resource_types[id] == "AWS::Serverless::Function" {
-                functions.push(parse_function(id, resource, globals, &ctx, &queue_ids)?);
+            match resource_types[id].as_str() {
+                "AWS::Serverless::Function" => functions.push(parse_function(
+                    id,
+                    resource,
+                    globals,
+                    &ctx,
+                    &queue_ids,
+                    &resource_types,
+                )?),
+                "AWS::IAM::Role" => roles.push(parse_role(id, resource, &resource_types)?),
+                "AWS::CloudWatch::Alarm" => alarms.push(parse_alarm(id, resource, &ctx)?),
+                _ => {}
+            }
+        }
+        // Policies attached to roles from outside.
+        for (id, resource) in resources {
+            let id = key_str(id, "Resources")?;
+            if matches!(
+                resource_types[id].as_str(),
+                "AWS::IAM::Policy" | "AWS::IAM::ManagedPolicy"
+            ) {
+                let at = format!("Resources.{id}.Properties");
+                let props = properties(id, resource)?;
+                let statements = parse_policy_document(
+                    id,
+                    props.get("PolicyDocument"),
+                    &format!("{at}.PolicyDocument"),
+                    &resource_types,
+                )?;
+                for role in list(props.get("Roles")) {
+                    let role_id = match intrinsic(role) {
+                        Some(Intrinsic::Ref(r)) => r,
+                        _ => {
+                            return Err(invalid(
+                                format!("{at}.Roles"),
+                                format!("{} is not a !Ref to a role", describe(role)),
+                            ))
+                        }
+                    };
+                    let role = roles
+                        .iter_mut()
+                        .find(|r: &&mut RoleSpec| r.logical_id == role_id)
+                        .ok_or_else(|| {
+                            invalid(
+                                format!("{at}.Roles"),
+                                format!("{role_id} is not an AWS::IAM::Role of this template"),
+                            )
+                        })?;
+                    role.statements.extend(statements.iter().cloned());
+                }
             }
         }
 
@@ -333,6 +471,8 @@ impl Template {
             tables,
             queues,
             functions,
+            roles,
+            alarms,
             resource_types,
             document,
         })
@@ -906,6 +1046,7 @@ fn parse_function(
     globals: Option<&Mapping>,
     ctx: &Ctx,
     queue_ids: &BTreeSet<&str>,
+    resource_types: &BTreeMap<String, String>,
 ) -> Result<FunctionSpec, TemplateError> {
     let at = format!("Resources.{id}.Properties");
     let empty = Value::Mapping(Mapping::new());
@@ -1004,6 +1145,55 @@ fn parse_function(
         }
     }
 
+    let role = match props.get("Role") {
+        None | Some(Value::Null) => None,
+        Some(v) => match intrinsic(v) {
+            Some(Intrinsic::GetAtt(role, attr))
+                if attr == "Arn"
+                    && resource_types.get(&role).map(String::as_str) == Some("AWS::IAM::Role") =>
+            {
+                Some(role)
+            }
+            _ => {
+                return Err(invalid(
+                    format!("{at}.Role"),
+                    format!(
+                        "{} is not !GetAtt Role.Arn of an AWS::IAM::Role of this template",
+                        describe(v)
+                    ),
+                ))
+            }
+        },
+    };
+    let log_group = match props
+        .get("LoggingConfig")
+        .and_then(|l| l.get("LogGroup"))
+        .map(|v| (v, format!("{at}.LoggingConfig.LogGroup")))
+        .or_else(|| {
+            globals_value
+                .and_then(|g| g.get("LoggingConfig"))
+                .and_then(|l| l.get("LogGroup"))
+                .map(|v| (v, "Globals.Function.LoggingConfig.LogGroup".to_string()))
+        }) {
+        None => None,
+        Some((v, lat)) => match intrinsic(v) {
+            Some(Intrinsic::Ref(group)) => Some(group),
+            _ => {
+                return Err(invalid(
+                    lat,
+                    format!(
+                        "{} is not a !Ref to a log group of this template",
+                        describe(v)
+                    ),
+                ))
+            }
+        },
+    };
+    let tracing = merged("Tracing")
+        .map(|(v, at)| ctx.scalar(v, &at))
+        .transpose()?;
+    let sam_policies = props.get("Policies").is_some_and(|p| !p.is_null());
+
     Ok(FunctionSpec {
         logical_id: id.to_string(),
         binary,
@@ -1016,6 +1206,10 @@ fn parse_function(
         schedules,
         http_routes,
         other_events,
+        role,
+        log_group,
+        tracing,
+        sam_policies,
     })
 }
 
@@ -1163,6 +1357,224 @@ fn parse_schedule(
         expression,
         every,
         enabled,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Roles, policies and alarms
+// ------------------------------------------------------------------------------------------
+
+/// A value that may be one item or a list of them.
+fn list(v: Option<&Value>) -> Vec<&Value> {
+    match v {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Sequence(items)) => items.iter().collect(),
+        Some(other) => vec![other],
+    }
+}
+
+fn plain_string(v: &Value, at: &str) -> Result<String, TemplateError> {
+    (intrinsic(v).is_none().then(|| v.as_str()).flatten())
+        .map(str::to_string)
+        .ok_or_else(|| invalid(at, format!("{} is not a string", describe(v))))
+}
+
+fn parse_role(
+    id: &str,
+    resource: &Value,
+    resource_types: &BTreeMap<String, String>,
+) -> Result<RoleSpec, TemplateError> {
+    let at = format!("Resources.{id}.Properties");
+    let props = properties(id, resource)?;
+    let mut assumed_by = Vec::new();
+    let trust = props.get("AssumeRolePolicyDocument");
+    for (i, s) in list(trust.and_then(|d| d.get("Statement")))
+        .into_iter()
+        .enumerate()
+    {
+        let sat = format!("{at}.AssumeRolePolicyDocument.Statement[{i}].Principal.Service");
+        for service in list(s.get("Principal").and_then(|p| p.get("Service"))) {
+            assumed_by.push(plain_string(service, &sat)?);
+        }
+    }
+    let mut statements = Vec::new();
+    for (i, policy) in list(props.get("Policies")).into_iter().enumerate() {
+        let pat = format!("{at}.Policies[{i}]");
+        let name = plain_string(
+            policy
+                .get("PolicyName")
+                .ok_or_else(|| invalid(format!("{pat}.PolicyName"), "missing"))?,
+            &format!("{pat}.PolicyName"),
+        )?;
+        statements.extend(parse_policy_document(
+            &name,
+            policy.get("PolicyDocument"),
+            &format!("{pat}.PolicyDocument"),
+            resource_types,
+        )?);
+    }
+    let managed_policy_arns = list(props.get("ManagedPolicyArns"))
+        .into_iter()
+        .map(|v| match intrinsic(v) {
+            None => plain_scalar(v).unwrap_or_else(|| describe(v)),
+            Some(_) => describe(v),
+        })
+        .collect();
+    Ok(RoleSpec {
+        logical_id: id.to_string(),
+        statements,
+        managed_policy_arns,
+        assumed_by,
+    })
+}
+
+fn parse_policy_document(
+    policy_name: &str,
+    document: Option<&Value>,
+    at: &str,
+    resource_types: &BTreeMap<String, String>,
+) -> Result<Vec<PolicyStatement>, TemplateError> {
+    let document = document.ok_or_else(|| invalid(at, "missing"))?;
+    let mut out = Vec::new();
+    for (i, s) in list(document.get("Statement")).into_iter().enumerate() {
+        let sat = format!("{at}.Statement[{i}]");
+        for not in ["NotAction", "NotResource", "NotPrincipal"] {
+            if s.get(not).is_some() {
+                return Err(invalid(
+                    format!("{sat}.{not}"),
+                    "not supported: write Action and Resource",
+                ));
+            }
+        }
+        let sid = s
+            .get("Sid")
+            .map(|v| plain_string(v, &format!("{sat}.Sid")))
+            .transpose()?;
+        let effect = match s.get("Effect").and_then(Value::as_str) {
+            Some("Allow") => Effect::Allow,
+            Some("Deny") => Effect::Deny,
+            _ => return Err(invalid(format!("{sat}.Effect"), "not Allow or Deny")),
+        };
+        let actions = list(s.get("Action"))
+            .into_iter()
+            .map(|a| plain_string(a, &format!("{sat}.Action")))
+            .collect::<Result<_, _>>()?;
+        let resources = list(s.get("Resource"))
+            .into_iter()
+            .map(|r| resource_ref(r, &format!("{sat}.Resource"), resource_types))
+            .collect::<Result<_, _>>()?;
+        out.push(PolicyStatement {
+            policy_name: policy_name.to_string(),
+            sid,
+            effect,
+            actions,
+            resources,
+        });
+    }
+    Ok(out)
+}
+
+fn resource_ref(
+    v: &Value,
+    at: &str,
+    resource_types: &BTreeMap<String, String>,
+) -> Result<ResourceRef, TemplateError> {
+    let arn = |id: &str, suffix: &str| {
+        if resource_types.contains_key(id) {
+            Ok(ResourceRef::Arn {
+                logical_id: id.to_string(),
+                suffix: suffix.to_string(),
+            })
+        } else {
+            Err(invalid(
+                at,
+                format!("{id} names no resource of the template"),
+            ))
+        }
+    };
+    // Intrinsics first: `as_str` sees through a tag.
+    match (intrinsic(v), v.as_str()) {
+        (None, Some("*")) => Ok(ResourceRef::Any),
+        (None, Some(s)) => Ok(ResourceRef::Literal(s.to_string())),
+        (Some(Intrinsic::GetAtt(id, attr)), _) if attr == "Arn" => arn(&id, ""),
+        (Some(Intrinsic::Sub(text)), _) => {
+            match text
+                .strip_prefix("${")
+                .and_then(|rest| rest.split_once(".Arn}"))
+                .filter(|(id, suffix)| !id.contains('{') && !suffix.contains("${"))
+            {
+                Some((id, suffix)) => arn(id, suffix),
+                None => Err(invalid(
+                    at,
+                    format!("{} is not \"${{Resource.Arn}}...\"", describe(v)),
+                )),
+            }
+        }
+        _ => Err(invalid(
+            at,
+            format!(
+                "{} is not \"*\", an ARN, !GetAtt Resource.Arn or !Sub \"${{Resource.Arn}}...\"",
+                describe(v)
+            ),
+        )),
+    }
+}
+
+fn parse_alarm(id: &str, resource: &Value, ctx: &Ctx) -> Result<AlarmSpec, TemplateError> {
+    let at = format!("Resources.{id}.Properties");
+    let props = properties(id, resource)?;
+    let scalar = |key: &str| {
+        props
+            .get(key)
+            .map(|v| ctx.scalar(v, &format!("{at}.{key}")))
+            .transpose()
+    };
+    let namespace = scalar("Namespace")?;
+    let metric_name = scalar("MetricName")?;
+    let mut dimensions = Vec::new();
+    for (i, d) in list(props.get("Dimensions")).into_iter().enumerate() {
+        let dat = format!("{at}.Dimensions[{i}]");
+        let name = plain_string(
+            d.get("Name")
+                .ok_or_else(|| invalid(format!("{dat}.Name"), "missing"))?,
+            &format!("{dat}.Name"),
+        )?;
+        let value = d
+            .get("Value")
+            .ok_or_else(|| invalid(format!("{dat}.Value"), "missing"))?;
+        let value = match (plain_scalar(value), intrinsic(value)) {
+            (Some(s), _) => DimensionValue::Literal(s),
+            (None, Some(Intrinsic::Ref(r))) => DimensionValue::Ref(r),
+            (None, Some(Intrinsic::GetAtt(logical_id, attribute))) => DimensionValue::GetAtt {
+                logical_id,
+                attribute,
+            },
+            _ => {
+                return Err(invalid(
+                    format!("{dat}.Value"),
+                    format!("{} is not a literal, !Ref or !GetAtt", describe(value)),
+                ))
+            }
+        };
+        dimensions.push((name, value));
+    }
+    let alarm_actions = list(props.get("AlarmActions"))
+        .into_iter()
+        .map(|v| match (intrinsic(v), v.as_str()) {
+            (None, Some(s)) => Ok(s.to_string()),
+            (Some(Intrinsic::Ref(r)), _) => Ok(r),
+            _ => Err(invalid(
+                format!("{at}.AlarmActions"),
+                format!("{} is not a literal ARN or a !Ref", describe(v)),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(AlarmSpec {
+        logical_id: id.to_string(),
+        namespace,
+        metric_name,
+        dimensions,
+        alarm_actions,
     })
 }
 
@@ -1528,6 +1940,144 @@ mod tests {
     }
 
     #[test]
+    fn when_reading_the_real_template_should_link_each_function_to_its_own_role() {
+        let t = real_template();
+        assert_eq!(t.roles.len(), FUNCTIONS.len());
+        for (id, binary) in FUNCTIONS {
+            let f = t.function(id).unwrap();
+            let prefix = id.strip_suffix("Function").unwrap();
+            let role_id = format!("{prefix}Role");
+            assert_eq!(f.role.as_deref(), Some(role_id.as_str()), "{id}");
+            assert_eq!(f.log_group, Some(format!("{prefix}LogGroup")), "{id}");
+            assert_eq!(f.tracing.as_deref(), Some("Active"), "{id} (from Globals)");
+            assert!(!f.sam_policies, "{id}");
+
+            let role = t.role(&role_id).unwrap();
+            assert_eq!(role.assumed_by, ["lambda.amazonaws.com"], "{role_id}");
+            assert!(role.managed_policy_arns.is_empty(), "{role_id}");
+            assert!(!role.statements.is_empty(), "{role_id}");
+            for s in &role.statements {
+                assert_eq!(s.policy_name, binary, "{role_id}");
+                assert_eq!(s.effect, Effect::Allow, "{role_id}");
+                assert!(s.sid.is_some(), "{role_id}");
+            }
+            // Logs to its own log group; X-Ray on "*".
+            let logs = role
+                .statements
+                .iter()
+                .find(|s| s.sid.as_deref() == Some("Logs"))
+                .unwrap();
+            assert_eq!(
+                logs.resources,
+                [ResourceRef::Arn {
+                    logical_id: format!("{prefix}LogGroup"),
+                    suffix: String::new()
+                }]
+            );
+            let tracing = role
+                .statements
+                .iter()
+                .find(|s| s.sid.as_deref() == Some("Tracing"))
+                .unwrap();
+            assert_eq!(tracing.resources, [ResourceRef::Any]);
+        }
+        assert!(t.role("StockFunction").is_none());
+    }
+
+    #[test]
+    fn when_reading_the_real_template_should_read_each_roles_grants() {
+        let t = real_template();
+        let arn = |id: &str| ResourceRef::Arn {
+            logical_id: id.into(),
+            suffix: String::new(),
+        };
+        let grants = |role: &str, action: &str, resource: &ResourceRef| {
+            t.role(role).unwrap().statements.iter().any(|s| {
+                s.effect == Effect::Allow
+                    && s.actions.iter().any(|a| a == action)
+                    && s.resources.contains(resource)
+            })
+        };
+        assert!(grants(
+            "StockRole",
+            "dynamodb:UpdateItem",
+            &arn("ProductsTable")
+        ));
+        assert!(!grants(
+            "StockRole",
+            "dynamodb:UpdateItem",
+            &arn("OrdersTable")
+        ));
+        assert!(grants(
+            "StockRole",
+            "sqs:ReceiveMessage",
+            &arn("StockQueue")
+        ));
+        assert!(grants(
+            "StockRole",
+            "dynamodb:ConditionCheckItem",
+            &arn("IdempotencyTable")
+        ));
+        // One statement, two queues.
+        assert!(grants(
+            "OrderApiRole",
+            "sqs:SendMessage",
+            &arn("StockQueue")
+        ));
+        assert!(grants(
+            "OrderApiRole",
+            "sqs:SendMessage",
+            &arn("PaymentQueue")
+        ));
+        // !Sub "${OrdersTable.Arn}/index/PendingOrdersIndex"
+        let sweeper = t.role("SweeperRole").unwrap();
+        let query = sweeper
+            .statements
+            .iter()
+            .find(|s| s.sid.as_deref() == Some("PendingOrders"))
+            .unwrap();
+        assert_eq!(query.actions, ["dynamodb:Query"]);
+        assert_eq!(
+            query.resources,
+            [ResourceRef::Arn {
+                logical_id: "OrdersTable".into(),
+                suffix: "/index/PendingOrdersIndex".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn when_reading_the_real_template_should_find_an_alarm_on_each_dead_letter_queue() {
+        let t = real_template();
+        assert_eq!(t.alarms.len(), 6);
+        for dlq in t.dead_letter_queues() {
+            let watched = t.alarms.iter().any(|a| {
+                a.namespace.as_deref() == Some("AWS/SQS")
+                    && a.metric_name.as_deref() == Some("ApproximateNumberOfMessagesVisible")
+                    && a.alarm_actions == ["AlarmTopic"]
+                    && a.dimensions
+                        == [(
+                            "QueueName".to_string(),
+                            DimensionValue::GetAtt {
+                                logical_id: dlq.to_string(),
+                                attribute: "QueueName".into(),
+                            },
+                        )]
+            });
+            assert!(watched, "no alarm on {dlq}");
+        }
+        let age = t
+            .alarms
+            .iter()
+            .find(|a| a.logical_id == "StockQueueAgeAlarm")
+            .unwrap();
+        assert_eq!(
+            age.metric_name.as_deref(),
+            Some("ApproximateAgeOfOldestMessage")
+        );
+    }
+
+    #[test]
     fn when_parameters_are_overridden_should_change_environment_and_schedule() {
         let overrides = BTreeMap::from([
             ("PaymentFailureRate".to_string(), "0".to_string()),
@@ -1726,6 +2276,157 @@ Resources:
         let text = SMALL.replace("[Dlq, Arn]", "[Elsewhere, Arn]");
         let err = Template::from_str(&text).unwrap_err();
         assert!(err.to_string().contains("Elsewhere"), "{err}");
+    }
+
+    const ROLES: &str = r#"
+Resources:
+  Table:
+    Type: AWS::DynamoDB::Table
+    Properties:
+      AttributeDefinitions: [{AttributeName: pk, AttributeType: S}]
+      KeySchema: [{AttributeName: pk, KeyType: HASH}]
+  Topic:
+    Type: AWS::SNS::Topic
+  Role:
+    Type: AWS::IAM::Role
+    Properties:
+      AssumeRolePolicyDocument:
+        Statement:
+          Effect: Allow
+          Principal: {Service: [lambda.amazonaws.com, edgelambda.amazonaws.com]}
+          Action: sts:AssumeRole
+      ManagedPolicyArns:
+        - arn:aws:iam::aws:policy/ReadOnlyAccess
+      Policies:
+        - PolicyName: inline
+          PolicyDocument:
+            Statement:
+              Effect: Deny
+              Action: [dynamodb:DeleteItem, dynamodb:PutItem]
+              Resource:
+                - {"Fn::GetAtt": [Table, Arn]}
+                - {"Fn::Sub": "${Table.Arn}/stream/*"}
+                - arn:aws:s3:::bucket/*
+  Extra:
+    Type: AWS::IAM::Policy
+    Properties:
+      PolicyName: extra
+      Roles: [!Ref Role]
+      PolicyDocument:
+        Statement:
+          - Sid: Everything
+            Effect: Allow
+            Action: dynamodb:GetItem
+            Resource: "*"
+  Alarm:
+    Type: AWS::CloudWatch::Alarm
+    Properties:
+      Namespace: Custom
+      Dimensions:
+        - {Name: Table, Value: !Ref Table}
+        - {Name: Fixed, Value: x}
+      AlarmActions: [!Ref Topic, "arn:aws:sns:us-east-1:1:t"]
+  Fn:
+    Type: AWS::Serverless::Function
+    Metadata: {BuildProperties: {Binary: fn}}
+    Properties:
+      Role: !GetAtt Role.Arn
+      Tracing: PassThrough
+      Policies: [AWSLambdaBasicExecutionRole]
+"#;
+
+    #[test]
+    fn when_reading_roles_policies_and_alarms_should_accept_both_forms_and_attached_policies() {
+        let t = Template::from_str(ROLES).unwrap();
+        let role = t.role("Role").unwrap();
+        assert_eq!(
+            role.assumed_by,
+            ["lambda.amazonaws.com", "edgelambda.amazonaws.com"]
+        );
+        assert_eq!(
+            role.managed_policy_arns,
+            ["arn:aws:iam::aws:policy/ReadOnlyAccess"]
+        );
+        assert_eq!(
+            role.statements,
+            vec![
+                PolicyStatement {
+                    policy_name: "inline".into(),
+                    sid: None,
+                    effect: Effect::Deny,
+                    actions: vec!["dynamodb:DeleteItem".into(), "dynamodb:PutItem".into()],
+                    resources: vec![
+                        ResourceRef::Arn {
+                            logical_id: "Table".into(),
+                            suffix: String::new()
+                        },
+                        ResourceRef::Arn {
+                            logical_id: "Table".into(),
+                            suffix: "/stream/*".into()
+                        },
+                        ResourceRef::Literal("arn:aws:s3:::bucket/*".into()),
+                    ],
+                },
+                PolicyStatement {
+                    policy_name: "Extra".into(),
+                    sid: Some("Everything".into()),
+                    effect: Effect::Allow,
+                    actions: vec!["dynamodb:GetItem".into()],
+                    resources: vec![ResourceRef::Any],
+                },
+            ]
+        );
+        let alarm = &t.alarms[0];
+        assert_eq!(alarm.namespace.as_deref(), Some("Custom"));
+        assert_eq!(alarm.metric_name, None);
+        assert_eq!(
+            alarm.dimensions,
+            vec![
+                ("Table".to_string(), DimensionValue::Ref("Table".into())),
+                ("Fixed".to_string(), DimensionValue::Literal("x".into())),
+            ]
+        );
+        assert_eq!(alarm.alarm_actions, ["Topic", "arn:aws:sns:us-east-1:1:t"]);
+        let f = t.function("Fn").unwrap();
+        assert_eq!(f.role.as_deref(), Some("Role"));
+        assert_eq!(f.tracing.as_deref(), Some("PassThrough"));
+        assert_eq!(f.log_group, None);
+        assert!(f.sam_policies);
+    }
+
+    #[test]
+    fn when_a_role_or_statement_is_not_understood_should_refuse_it_naming_where() {
+        for (find, replace, expected) in [
+            (
+                "Role: !GetAtt Role.Arn",
+                "Role: !GetAtt Table.Arn",
+                "Resources.Fn.Properties.Role",
+            ),
+            (
+                "Action: dynamodb:GetItem",
+                "NotAction: dynamodb:GetItem",
+                "Resources.Extra.Properties.PolicyDocument.Statement[0].NotAction",
+            ),
+            (
+                "Resource: \"*\"",
+                "Resource: !Ref Table",
+                "Resources.Extra.Properties.PolicyDocument.Statement[0].Resource",
+            ),
+            (
+                "${Table.Arn}/stream/*",
+                "${Elsewhere.Arn}/stream/*",
+                "Resources.Role.Properties.Policies[0].PolicyDocument.Statement[0].Resource",
+            ),
+            (
+                "Roles: [!Ref Role]",
+                "Roles: [!Ref Table]",
+                "Resources.Extra.Properties.Roles",
+            ),
+        ] {
+            assert!(ROLES.contains(find), "{find}");
+            let err = Template::from_str(&ROLES.replace(find, replace)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{replace}: {err}");
+        }
     }
 
     #[test]
