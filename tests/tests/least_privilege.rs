@@ -628,11 +628,24 @@ async fn record_every_path() -> BTreeMap<Access, u64> {
     .unwrap();
     let mut ctx = lambda_runtime::Context::default();
     ctx.deadline = (now_ms() + 5_000) as u64;
+    let ledger_put = Access {
+        function: payment.into(),
+        operation: "PutItem".into(),
+        action: "dynamodb:PutItem".into(),
+        resource: Resource::of("PaymentLedgerTable"),
+    };
+    let ledger_puts = || recorder.accesses().get(&ledger_put).copied().unwrap_or(0);
+    let before = ledger_puts();
     let r = failing_provider
         .handle(lambda_runtime::LambdaEvent::new(event, ctx))
         .await
         .unwrap();
     assert_eq!(r.batch_item_failures.len(), 1, "the record is retried");
+    assert_eq!(
+        ledger_puts(),
+        before + 1,
+        "a refused call is still recorded"
+    );
     assert!(
         idempotency_record(&t, "o-lp-provider-down#charge")
             .await

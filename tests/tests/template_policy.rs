@@ -92,37 +92,14 @@ fn asked_by<T>(
 
 /// The variables each configuration type declares it reads, and what its `load` asks for.
 #[allow(clippy::type_complexity)]
-fn configurations() -> Vec<(
-    &'static str,
-    &'static [&'static str],
-    Result<BTreeSet<String>, String>,
-)> {
+#[rustfmt::skip]
+fn configurations() -> Vec<(&'static str, &'static [&'static str], Result<BTreeSet<String>, String>)> {
     vec![
-        (
-            "OrderApiConfig",
-            OrderApiConfig::VARIABLES,
-            asked_by(OrderApiConfig::load),
-        ),
-        (
-            "StockConfig",
-            StockConfig::VARIABLES,
-            asked_by(StockConfig::load),
-        ),
-        (
-            "PaymentConfig",
-            PaymentConfig::VARIABLES,
-            asked_by(PaymentConfig::load),
-        ),
-        (
-            "CoordinatorConfig",
-            CoordinatorConfig::VARIABLES,
-            asked_by(CoordinatorConfig::load),
-        ),
-        (
-            "SweeperConfig",
-            SweeperConfig::VARIABLES,
-            asked_by(SweeperConfig::load),
-        ),
+        ("OrderApiConfig", OrderApiConfig::VARIABLES, asked_by(OrderApiConfig::load)),
+        ("StockConfig", StockConfig::VARIABLES, asked_by(StockConfig::load)),
+        ("PaymentConfig", PaymentConfig::VARIABLES, asked_by(PaymentConfig::load)),
+        ("CoordinatorConfig", CoordinatorConfig::VARIABLES, asked_by(CoordinatorConfig::load)),
+        ("SweeperConfig", SweeperConfig::VARIABLES, asked_by(SweeperConfig::load)),
     ]
 }
 
