@@ -44,6 +44,7 @@ use saga_core::handlers::api::ApiHandler;
 use saga_core::handlers::payment::PaymentHandler;
 use saga_core::idempotency::{IdempotencyRecord, STATUS_IN_PROGRESS};
 use saga_core::time::now_ms;
+use saga_tests::templates::{mutated, real_template_text, report};
 use saga_tests::TestStack;
 use serde_json::{json, Value};
 
@@ -56,11 +57,6 @@ const TRACING_ACTIONS: &[&str] = &["xray:PutTraceSegments", "xray:PutTelemetryRe
 /// (`sqs:ReceiveMessage`, `sqs:DeleteMessage`, `sqs:GetQueueAttributes`), the one the local
 /// event source emulation does not call.
 const POLLER_ACTIONS_NOT_EMULATED: &[&str] = &["sqs:GetQueueAttributes"];
-
-fn real_template_text() -> String {
-    std::fs::read_to_string(saga_tests::repo_root().join("template.yaml"))
-        .expect("read template.yaml")
-}
 
 // ==========================================================================================
 // The check
@@ -313,14 +309,6 @@ fn grants(
         }
     }
     Some((role_id.clone(), granted))
-}
-
-fn report(problems: &[String]) -> String {
-    problems
-        .iter()
-        .map(|p| format!("  - {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 // ==========================================================================================
@@ -806,22 +794,6 @@ fn when_checking_the_real_template_should_grant_exactly_what_each_function_uses(
         problems.len(),
         report(&problems)
     );
-}
-
-/// Applies one textual break to the real template, checking it applied.
-fn mutated(find: &str, replace: &str, after: Option<&str>) -> String {
-    let text = real_template_text();
-    let start = after
-        .map(|a| {
-            text.find(a)
-                .unwrap_or_else(|| panic!("template no longer contains {a:?}"))
-        })
-        .unwrap_or(0);
-    let at = text[start..]
-        .find(find)
-        .unwrap_or_else(|| panic!("template no longer contains {find:?} (after {after:?})"))
-        + start;
-    format!("{}{}{}", &text[..at], replace, &text[at + find.len()..])
 }
 
 fn assert_reported_with(text: &str, accesses: &BTreeMap<Access, u64>, expected: &[&str]) {

@@ -30,13 +30,10 @@ use saga_core::config::{
     ConfigError, CoordinatorConfig, Lookup, OrderApiConfig, PaymentConfig, StockConfig,
     SweeperConfig,
 };
+use saga_tests::templates::{mutated, real_template_text, report};
 
 fn repo() -> PathBuf {
     saga_tests::repo_root()
-}
-
-fn real_template_text() -> String {
-    std::fs::read_to_string(repo().join("template.yaml")).expect("read template.yaml")
 }
 
 /// Variables Lambda sets itself (the "Defined runtime environment variables" of the Lambda
@@ -286,14 +283,6 @@ fn check_environment(f: &FunctionSpec, problems: &mut Problems) {
     }
 }
 
-fn report(problems: &Problems) -> String {
-    problems
-        .iter()
-        .map(|p| format!("  - {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 // ==========================================================================================
 // Tests
 // ==========================================================================================
@@ -331,22 +320,6 @@ fn when_running_the_configuration_loaders_should_find_what_each_function_reads()
     assert!(variables_read("no-such-binary")
         .unwrap_err()
         .contains("not one the local runner knows"));
-}
-
-/// Applies one textual break to the real template, checking it applied.
-fn mutated(find: &str, replace: &str, after: Option<&str>) -> String {
-    let text = real_template_text();
-    let start = after
-        .map(|a| {
-            text.find(a)
-                .unwrap_or_else(|| panic!("template no longer contains {a:?}"))
-        })
-        .unwrap_or(0);
-    let at = text[start..]
-        .find(find)
-        .unwrap_or_else(|| panic!("template no longer contains {find:?} (after {after:?})"))
-        + start;
-    format!("{}{}{}", &text[..at], replace, &text[at + find.len()..])
 }
 
 fn assert_reported(text: &str, expected: &[&str]) {
