@@ -27,7 +27,7 @@ use local_runner::template::{EnvValue, Template};
 use saga_core::config::{
     CoordinatorConfig, OrderApiConfig, PaymentConfig, StockConfig, SweeperConfig,
 };
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 fn repo() -> PathBuf {
     saga_tests::repo_root()
@@ -1097,7 +1097,7 @@ struct Doc {
 }
 
 impl Doc {
-    fn resources(&self) -> &serde_yaml::Mapping {
+    fn resources(&self) -> &yaml_serde::Mapping {
         self.doc
             .get("Resources")
             .and_then(Value::as_mapping)
@@ -1148,7 +1148,7 @@ impl Doc {
             }
         }
         Res::Other(
-            serde_yaml::to_string(v)
+            yaml_serde::to_string(v)
                 .unwrap_or_default()
                 .trim()
                 .to_string(),
@@ -1192,7 +1192,7 @@ fn check(text: &str, model: &CodeModel) -> Problems {
         Err(e) => return vec![format!("the local runner refuses the template: {e}")],
     };
     let doc = Doc {
-        doc: serde_yaml::from_str(text).expect("YAML"),
+        doc: yaml_serde::from_str(text).expect("YAML"),
     };
     check_event_sources(&template, &mut problems);
     check_queues(&template, &doc, &mut problems);
