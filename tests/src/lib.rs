@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 
 pub mod logs;
+pub mod templates;
 
 pub use local_runner;
 pub use saga_core;

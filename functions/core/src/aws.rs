@@ -4,6 +4,7 @@
 //! binary talks to AWS in Lambda and to DynamoDB Local and moto on a laptop.
 
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_smithy_runtime_api::client::interceptors::SharedInterceptor;
 
 use crate::config::{ConfigError, Lookup};
 
@@ -41,52 +42,53 @@ impl AwsClients {
             aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
         );
         let fallback = get("AWS_ENDPOINT_URL");
-        Ok(Self::build(Settings {
-            region,
-            credentials,
-            dynamodb_endpoint: get("AWS_ENDPOINT_URL_DYNAMODB").or_else(|| fallback.clone()),
-            sqs_endpoint: get("AWS_ENDPOINT_URL_SQS").or(fallback),
-            interceptor: None,
-        }))
+        Ok(Self::build(
+            &Self::sdk_config(region, credentials),
+            get("AWS_ENDPOINT_URL_DYNAMODB").or_else(|| fallback.clone()),
+            get("AWS_ENDPOINT_URL_SQS").or(fallback),
+            &[],
+        ))
+    }
+
+    /// The configuration both clients share: the region, the credentials and one HTTP client.
+    pub fn sdk_config(
+        region: String,
+        credentials: aws_sdk_dynamodb::config::SharedCredentialsProvider,
+    ) -> aws_config::SdkConfig {
+        aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region))
+            .credentials_provider(credentials)
+            .http_client(http_client())
+            .build()
     }
 
     /// The one way clients are built: in Lambda from the environment ([`Self::from_env`]), and
     /// in the local runner and the tests with local endpoints, dummy credentials and, for the
-    /// call recording, an interceptor.
-    pub fn build(settings: Settings) -> Self {
-        let config = aws_config::SdkConfig::builder()
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(settings.region))
-            .credentials_provider(settings.credentials)
-            .http_client(http_client())
-            .build();
-        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&config);
-        let mut sqs = aws_sdk_sqs::config::Builder::from(&config);
-        if let Some(url) = settings.dynamodb_endpoint {
+    /// call counting and recording, interceptors that see every call.
+    pub fn build(
+        config: &aws_config::SdkConfig,
+        dynamodb_endpoint: Option<String>,
+        sqs_endpoint: Option<String>,
+        interceptors: &[SharedInterceptor],
+    ) -> Self {
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(config);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(config);
+        if let Some(url) = dynamodb_endpoint {
             dynamodb = dynamodb.endpoint_url(url);
         }
-        if let Some(url) = settings.sqs_endpoint {
+        if let Some(url) = sqs_endpoint {
             sqs = sqs.endpoint_url(url);
         }
-        if let Some(interceptor) = settings.interceptor {
+        for interceptor in interceptors {
             dynamodb = dynamodb.interceptor(interceptor.clone());
-            sqs = sqs.interceptor(interceptor);
+            sqs = sqs.interceptor(interceptor.clone());
         }
         Self {
             dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
             sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
         }
     }
-}
-
-/// What [`AwsClients::build`] needs.
-pub struct Settings {
-    pub region: String,
-    pub credentials: aws_sdk_dynamodb::config::SharedCredentialsProvider,
-    pub dynamodb_endpoint: Option<String>,
-    pub sqs_endpoint: Option<String>,
-    /// Sees every call of both clients (the local runner records calls with it).
-    pub interceptor: Option<aws_smithy_runtime_api::client::interceptors::SharedInterceptor>,
 }
 
 #[cfg(test)]

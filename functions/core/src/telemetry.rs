@@ -8,6 +8,8 @@
 
 use tracing::level_filters::LevelFilter;
 
+use crate::config::{process_env, Lookup};
+
 /// The log level from the environment (see the module documentation).
 pub fn level(lambda_level: Option<&str>, rust_log: Option<&str>) -> LevelFilter {
     let parse = |s: &str| {
@@ -21,12 +23,17 @@ pub fn level(lambda_level: Option<&str>, rust_log: Option<&str>) -> LevelFilter 
         .unwrap_or(LevelFilter::INFO)
 }
 
+/// The log level `env` asks for (see the module documentation).
+pub fn level_from(env: &impl Lookup) -> LevelFilter {
+    level(
+        env.get("AWS_LAMBDA_LOG_LEVEL").as_deref(),
+        env.get("RUST_LOG").as_deref(),
+    )
+}
+
 /// Installs the global JSON subscriber. Safe to call more than once (later calls are no-ops).
 pub fn init() {
-    let level = level(
-        std::env::var("AWS_LAMBDA_LOG_LEVEL").ok().as_deref(),
-        std::env::var("RUST_LOG").ok().as_deref(),
-    );
+    let level = level_from(&process_env);
     let _already_installed = tracing_subscriber::fmt()
         .json()
         .with_max_level(level)

@@ -6,7 +6,10 @@
 //! - [`http`]: API Gateway's HTTP API in front of the order API handler;
 //! - [`esm`]: Lambda's SQS event source mapping in front of the queue consumers;
 //! - [`pacing`]: scaled timeouts, back-off and fewer pollers when the machine is slow;
-//! - [`redrive`]: moves messages from a DLQ back to its source queue.
+//! - [`redrive`]: moves messages from a DLQ back to its source queue;
+//! - [`counting`] and [`access`]: record the AWS calls the stack makes, all of them (the
+//!   budget benchmark) or per function as IAM sees them (the least-privilege test).
+pub mod access;
 pub mod counting;
 pub mod esm;
 pub mod http;

@@ -10,18 +10,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_smithy_runtime_api::client::interceptors::SharedInterceptor;
 use futures::FutureExt;
 use saga_core::aws::AwsClients;
-use saga_core::config::{ConfigError, Lookup};
+use saga_core::config::{
+    ConfigError, CoordinatorConfig, Lookup, OrderApiConfig, PaymentConfig, StockConfig,
+    SweeperConfig,
+};
 use saga_core::faults::Faults;
 use saga_core::handlers::batch::SqsHandler;
 use saga_core::handlers::{
     api::ApiHandler, coordinator::CoordinatorHandler, payment::PaymentHandler, stock::StockHandler,
-    sweeper::SweeperHandler, Function,
+    sweeper::SweeperHandler,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access::AccessRecorder;
+use crate::counting::CallCounter;
 use crate::esm::{self, Mapping, SqsFunction};
 use crate::http::{self, HttpFunction, RouteSpec};
 use crate::pacing::FunctionTimeout;
@@ -80,7 +86,9 @@ pub struct StackOptions {
     /// Functions (logical ids) whose event source mappings start paused.
     pub paused: Vec<String>,
     /// Records every AWS call the stack makes (the budget benchmark).
-    pub call_counter: Option<crate::counting::CallCounter>,
+    pub call_counter: Option<CallCounter>,
+    /// Records what each function does with AWS, by function (the least-privilege test).
+    pub access_recorder: Option<AccessRecorder>,
 }
 
 impl StackOptions {
@@ -102,6 +110,7 @@ impl StackOptions {
             sweep_every: None,
             paused: Vec::new(),
             call_counter: None,
+            access_recorder: None,
         }
     }
 }
@@ -120,51 +129,95 @@ pub async fn local_clients_counted(
     dynamodb_endpoint: &str,
     sqs_endpoint: &str,
     region: &str,
-    counter: Option<crate::counting::CallCounter>,
+    counter: Option<CallCounter>,
 ) -> AwsClients {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(saga_core::aws::http_client())
-        .region(aws_config::Region::new(region.to_string()))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "local",
-            "local",
-            None,
-            None,
-            "saga-local",
-        ))
-        .load()
-        .await;
-    let mut dynamodb =
-        aws_sdk_dynamodb::config::Builder::from(&config).endpoint_url(dynamodb_endpoint);
-    let mut sqs = aws_sdk_sqs::config::Builder::from(&config).endpoint_url(sqs_endpoint);
-    if let Some(counter) = counter {
-        dynamodb = dynamodb.interceptor(counter.clone());
-        sqs = sqs.interceptor(counter);
+    LocalEndpoints::new(dynamodb_endpoint, sqs_endpoint, region).clients(counter, None)
+}
+
+/// What every client of a stack shares: one SDK configuration (one HTTP client, the region,
+/// static dummy credentials) and the two endpoints. Clients built from it are cheap.
+#[derive(Clone, Debug)]
+struct LocalEndpoints {
+    config: aws_config::SdkConfig,
+    dynamodb: String,
+    sqs: String,
+}
+
+impl LocalEndpoints {
+    fn new(dynamodb_endpoint: &str, sqs_endpoint: &str, region: &str) -> Self {
+        let credentials = aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "saga-local"),
+        );
+        Self {
+            config: AwsClients::sdk_config(region.to_string(), credentials),
+            dynamodb: dynamodb_endpoint.to_string(),
+            sqs: sqs_endpoint.to_string(),
+        }
     }
-    AwsClients {
-        dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
-        sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+
+    /// Clients that count every call in `counter` and record a function's accesses with
+    /// `access`, when given.
+    fn clients(
+        &self,
+        counter: Option<CallCounter>,
+        access: Option<crate::access::Interceptor>,
+    ) -> AwsClients {
+        let mut interceptors = Vec::new();
+        interceptors.extend(counter.map(SharedInterceptor::new));
+        interceptors.extend(access.map(SharedInterceptor::new));
+        AwsClients::build(
+            &self.config,
+            Some(self.dynamodb.clone()),
+            Some(self.sqs.clone()),
+            &interceptors,
+        )
+    }
+}
+
+/// The configuration a function's binary loads at cold start, by the binary's name: what its
+/// `functions/<binary>/src/main.rs` loads, and what the runner builds its handler from.
+#[derive(Clone, Debug)]
+pub enum FunctionConfig {
+    OrderApi(OrderApiConfig),
+    Stock(StockConfig),
+    Payment(PaymentConfig),
+    Coordinator(CoordinatorConfig),
+    Sweeper(SweeperConfig),
+}
+
+impl FunctionConfig {
+    /// Loads the configuration of `binary` from `env`; `Ok(None)` for a binary the runner
+    /// does not know.
+    pub fn load(binary: &str, env: &impl Lookup) -> Result<Option<Self>, ConfigError> {
+        Ok(Some(match binary {
+            "order-api" => Self::OrderApi(OrderApiConfig::load(env)?),
+            "stock" => Self::Stock(StockConfig::load(env)?),
+            "payment" => Self::Payment(PaymentConfig::load(env)?),
+            "coordinator" => Self::Coordinator(CoordinatorConfig::load(env)?),
+            "sweeper" => Self::Sweeper(SweeperConfig::load(env)?),
+            _ => return Ok(None),
+        }))
     }
 }
 
 /// An SQS function's handler, as the event source mappings call it.
-fn sqs_function<H: Function + SqsHandler>(
-    clients: &AwsClients,
-    env: &impl Lookup,
-    opts: &StackOptions,
-) -> Result<SqsFunction, ConfigError> {
-    let handler = Arc::new(H::from_env(clients, env, opts.faults.clone())?);
-    Ok(Arc::new(move |event| {
+fn sqs_function<H: SqsHandler + 'static>(handler: H) -> SqsFunction {
+    let handler = Arc::new(handler);
+    Arc::new(move |event| {
         let handler = handler.clone();
         async move { Ok(handler.handle(event).await?) }.boxed()
-    }))
+    })
 }
 
 /// A running stack.
 pub struct Stack {
     pub template: Template,
     pub names: LocalNames,
+    /// Clients for the stack's own work (provisioning) and for tests; no function's.
     pub clients: AwsClients,
+    /// Each function's clients, by logical id: its handler and its event source mappings
+    /// call AWS through them (as on AWS, where both act with the function's role).
+    pub function_clients: BTreeMap<String, AwsClients>,
     pub http_addr: SocketAddr,
     /// Each function's resolved environment, by logical id.
     pub environments: BTreeMap<String, BTreeMap<String, String>>,
@@ -177,20 +230,29 @@ pub struct Stack {
 impl Stack {
     pub async fn start(opts: StackOptions) -> Result<Stack, StackError> {
         let template = Template::from_file(&opts.template_path)?;
-        let clients = local_clients_counted(
-            &opts.dynamodb_endpoint,
-            &opts.sqs_endpoint,
-            &opts.region,
-            opts.call_counter.clone(),
-        )
-        .await;
+        let endpoints =
+            LocalEndpoints::new(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region);
+        let clients = endpoints.clients(opts.call_counter.clone(), None);
         let names =
             provision::provision(&template, &opts.prefix, &clients.dynamodb, &clients.sqs).await?;
+        let function_clients = template
+            .functions
+            .iter()
+            .map(|f| {
+                let access = opts
+                    .access_recorder
+                    .as_ref()
+                    .map(|r| r.interceptor(&f.logical_id, &names));
+                let clients = endpoints.clients(opts.call_counter.clone(), access);
+                (f.logical_id.clone(), clients)
+            })
+            .collect();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut stack = Stack {
             template: template.clone(),
             names,
-            clients: clients.clone(),
+            clients,
+            function_clients,
             http_addr: opts.http_addr,
             environments: BTreeMap::new(),
             sweeper: None,
@@ -236,13 +298,14 @@ impl Stack {
             Some(floor) => FunctionTimeout::scaled(floor, template_timeout),
             None => FunctionTimeout::fixed(template_timeout),
         });
-        let clients = &self.clients;
-        let sqs_function: Option<SqsFunction> = match function.binary.as_str() {
-            "order-api" => {
-                let handler = Arc::new(
-                    ApiHandler::from_env(clients, &lookup, opts.faults.clone())
-                        .map_err(config_error)?,
-                );
+        let clients = self.function_clients[&function.logical_id].clone();
+        let clients = &clients;
+        let config = FunctionConfig::load(&function.binary, &lookup)
+            .map_err(config_error)?
+            .ok_or_else(|| StackError::UnknownFunction(function.logical_id.clone()))?;
+        let sqs_function: Option<SqsFunction> = match config {
+            FunctionConfig::OrderApi(config) => {
+                let handler = Arc::new(ApiHandler::new(clients, config, opts.faults.clone()));
                 let f: HttpFunction = Arc::new(move |req| {
                     let handler = handler.clone();
                     async move { handler.handle(req).await }.boxed()
@@ -266,20 +329,23 @@ impl Stack {
                 self.tasks.push(task);
                 None
             }
-            "stock" => {
-                Some(sqs_function::<StockHandler>(clients, &lookup, opts).map_err(config_error)?)
-            }
-            "payment" => {
-                Some(sqs_function::<PaymentHandler>(clients, &lookup, opts).map_err(config_error)?)
-            }
-            "coordinator" => Some(
-                sqs_function::<CoordinatorHandler>(clients, &lookup, opts).map_err(config_error)?,
-            ),
-            "sweeper" => {
-                let h = Arc::new(
-                    SweeperHandler::from_env(clients, &lookup, Faults::none())
-                        .map_err(config_error)?,
-                );
+            FunctionConfig::Stock(config) => Some(sqs_function(StockHandler::new(
+                clients,
+                config,
+                opts.faults.clone(),
+            ))),
+            FunctionConfig::Payment(config) => Some(sqs_function(PaymentHandler::new(
+                clients,
+                config,
+                opts.faults.clone(),
+            ))),
+            FunctionConfig::Coordinator(config) => Some(sqs_function(CoordinatorHandler::new(
+                clients,
+                config,
+                opts.faults.clone(),
+            ))),
+            FunctionConfig::Sweeper(config) => {
+                let h = Arc::new(SweeperHandler::new(clients, config));
                 self.sweeper = Some(h.clone());
                 let every = opts.sweep_every.or_else(|| {
                     function
@@ -307,7 +373,6 @@ impl Stack {
                 }
                 None
             }
-            _ => return Err(StackError::UnknownFunction(function.logical_id.clone())),
         };
         if let Some(f) = sqs_function {
             let (pause_tx, pause_rx) = watch::channel(opts.paused.contains(&function.logical_id));
@@ -342,7 +407,7 @@ impl Stack {
                 };
                 self.tasks.extend(esm::spawn(
                     mapping,
-                    self.clients.sqs.clone(),
+                    clients.sqs.clone(),
                     f.clone(),
                     pause_rx.clone(),
                     shutdown.clone(),

@@ -1,18 +1,30 @@
 //! A typed reading of `template.yaml`, so the local runner provisions and wires exactly what
-//! SAM deploys: the same tables (keys, indexes, TTL), the same queues (visibility, DLQs), the
-//! same functions with the same environment, event sources and schedules.
+//! SAM deploys (the same tables, queues, functions, environment, event sources and schedules),
+//! and the template checks (tests/tests/template_policy.rs) read the same roles, alarms and
+//! properties: one reader for both.
+//!
+//! Reading goes in three steps. `yaml_serde` reads the document; a `!Ref` to a parameter is
+//! then replaced by the parameter's value (its override, else its default), as CloudFormation
+//! would. Each resource is deserialized by its `Type` into a property struct, with
+//! `serde_path_to_error` naming where a value does not fit (e.g.
+//! `Resources.StockQueue.Properties.VisibilityTimeout: "soon" is not a valid i32`). Last, the
+//! specs are built: `Globals.Function` merged, references between resources checked.
+//! Intrinsic functions are read both as YAML tags (`!Ref X`, `!GetAtt X.Y`, `!Sub "..."`) and
+//! in their long form (`{Ref: X}`, `{"Fn::GetAtt": [X, Y]}`, `{"Fn::Sub": "..."}`).
 //!
 //! Only the part of CloudFormation that this project's template uses is understood; anything
-//! else that the runner would need is an error naming where it is, never a silent guess.
-//! Intrinsic functions arrive from serde_yaml either as tagged values (`!Ref X`,
-//! `!GetAtt X.Y`, `!Sub "..."`) or in their long form (`{Ref: X}`, `{"Fn::GetAtt": [X, Y]}`,
-//! `{"Fn::Sub": "..."}`); both are accepted.
+//! else that is read is an error naming where it is, never a silent guess. Resources of other
+//! types are kept by logical id and type only.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use serde_yaml::{Mapping, Value};
+use serde::de::{self, DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Deserializer};
+use yaml_serde::{Mapping, Value};
 
 /// The template at the workspace root, as seen from this crate.
 pub const WORKSPACE_TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
@@ -32,8 +44,10 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("template is not valid YAML: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    /// Not YAML, or its top level is not what a template's is (the message names the path
+    /// and the line).
+    #[error("template: {0}")]
+    Yaml(#[from] yaml_serde::Error),
     #[error("template {at}: {message}")]
     Invalid { at: String, message: String },
     #[error("parameter override {0} names no parameter of the template")]
@@ -53,6 +67,10 @@ fn invalid(at: impl Into<String>, message: impl Into<String>) -> TemplateError {
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// What the runner and the tests read
+// ------------------------------------------------------------------------------------------
+
 /// The parsed template.
 #[derive(Clone, Debug)]
 pub struct Template {
@@ -62,9 +80,13 @@ pub struct Template {
     pub tables: Vec<TableSpec>,
     pub queues: Vec<QueueSpec>,
     pub functions: Vec<FunctionSpec>,
+    /// `AWS::IAM::Role` resources, with the statements of every policy attached to them.
+    pub roles: Vec<RoleSpec>,
+    /// `AWS::CloudWatch::Alarm` resources.
+    pub alarms: Vec<AlarmSpec>,
     /// Every resource's logical id and type, for error messages about references.
     pub resource_types: BTreeMap<String, String>,
-    document: Value,
+    document: Document,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,7 +120,6 @@ impl TableSpec {
     /// takes as `AttributeDefinitions`.
     pub fn key_attributes(&self) -> Vec<KeyAttr> {
         let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
         let keys = std::iter::once(&self.hash_key)
             .chain(self.range_key.as_ref())
             .chain(
@@ -106,12 +127,9 @@ impl TableSpec {
                     .iter()
                     .flat_map(|g| std::iter::once(&g.hash_key).chain(g.range_key.as_ref())),
             );
-        for key in keys {
-            if seen.insert(key.name.clone()) {
-                out.push(key.clone());
-            }
-        }
-        out
+        keys.filter(|k| seen.insert(k.name.clone()))
+            .cloned()
+            .collect()
     }
 }
 
@@ -161,6 +179,17 @@ pub struct FunctionSpec {
     pub http_routes: Vec<(String, String)>,
     /// Events of other types, as `(event name, type)`: not run locally.
     pub other_events: Vec<(String, String)>,
+    /// The role's logical id, from `Role: !GetAtt XRole.Arn` (an `AWS::IAM::Role` of the
+    /// template); `None` when the function has no `Role` (SAM would generate one).
+    pub role: Option<String>,
+    /// `LoggingConfig.LogGroup` (function, else `Globals.Function`): the logical id of the
+    /// `AWS::Logs::LogGroup` in `!Ref LogGroup`.
+    pub log_group: Option<String>,
+    /// `Tracing` after merging `Globals.Function` (`Active`, `PassThrough`).
+    pub tracing: Option<String>,
+    /// Whether the function has SAM `Policies` (policy templates or statements, which SAM
+    /// turns into a generated role; their content is not read).
+    pub sam_policies: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,8 +216,82 @@ pub struct ScheduleSpec {
     pub enabled: bool,
 }
 
-/// The value of an environment variable as the template writes it.
+/// An `AWS::IAM::Role`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub logical_id: String,
+    /// The statements of its inline `Policies`, then those of every `AWS::IAM::Policy` or
+    /// `AWS::IAM::ManagedPolicy` resource that names the role in its `Roles`.
+    pub statements: Vec<PolicyStatement>,
+    /// `ManagedPolicyArns` as written: a literal ARN, or an intrinsic as `!Sub "..."`.
+    pub managed_policy_arns: Vec<String>,
+    /// The `Principal.Service` values of `AssumeRolePolicyDocument` (e.g.
+    /// `lambda.amazonaws.com`).
+    pub assumed_by: Vec<String>,
+}
+
+/// One statement of a policy document. `NotAction`, `NotResource` and `NotPrincipal` are
+/// refused when reading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyStatement {
+    /// The inline policy's `PolicyName`; for an `AWS::IAM::Policy` or
+    /// `AWS::IAM::ManagedPolicy` resource, its logical id.
+    pub policy_name: String,
+    pub sid: Option<String>,
+    pub effect: Effect,
+    /// `Action`, one or a list, as written (e.g. `dynamodb:GetItem`).
+    pub actions: Vec<String>,
+    /// `Resource`, one or a list.
+    pub resources: Vec<ResourceRef>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// An entry of a statement's `Resource`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Val")]
+pub enum ResourceRef {
+    /// `"*"`.
+    Any,
+    /// The ARN of a resource of the template, and what follows it: `!GetAtt X.Arn` has the
+    /// suffix `""`; `!Sub "${X.Arn}/index/*"` has `/index/*`.
+    Arn { logical_id: String, suffix: String },
+    /// Any other plain string (an ARN written out).
+    Literal(String),
+}
+
+/// An `AWS::CloudWatch::Alarm`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlarmSpec {
+    pub logical_id: String,
+    pub namespace: Option<String>,
+    pub metric_name: Option<String>,
+    /// `Dimensions`, as `(Name, Value)`.
+    pub dimensions: Vec<(String, DimensionValue)>,
+    /// `AlarmActions`: the logical id of each `!Ref X`, or the literal ARN.
+    pub alarm_actions: Vec<String>,
+}
+
+/// The `Value` of an alarm's dimension.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Val")]
+pub enum DimensionValue {
+    GetAtt {
+        logical_id: String,
+        attribute: String,
+    },
+    Ref(String),
+    Literal(String),
+}
+
+/// The value of an environment variable as the template writes it (a `!Ref` to a parameter
+/// with a value reads as that value, a literal).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Val")]
 pub enum EnvValue {
     Literal(String),
     Ref(String),
@@ -222,8 +325,9 @@ impl Template {
 
     #[allow(clippy::should_implement_trait)] // also offered as `FromStr` below
     pub fn from_str(text: &str) -> Result<Self, TemplateError> {
-        let document: Value = serde_yaml::from_str(text)?;
-        Self::build(document, BTreeMap::new())
+        // yaml_serde's own errors name the path and the line; the resources, read by type
+        // afterwards, get theirs from serde_path_to_error (`typed`).
+        Self::build(yaml_serde::from_str(text)?, BTreeMap::new())
     }
 
     /// The same template with some parameters set (as `sam deploy --parameter-overrides`
@@ -250,9 +354,16 @@ impl Template {
         self.tables.iter().find(|t| t.logical_id == logical_id)
     }
 
+    pub fn role(&self, logical_id: &str) -> Option<&RoleSpec> {
+        self.roles.iter().find(|r| r.logical_id == logical_id)
+    }
+
     /// A parameter's effective value: its override, else its default.
     pub fn parameter_value(&self, name: &str) -> Option<&str> {
-        parameter_value(&self.parameters, &self.parameter_overrides, name)
+        self.parameter_overrides
+            .get(name)
+            .or_else(|| self.parameters.get(name)?.default.as_ref())
+            .map(String::as_str)
     }
 
     /// Queues that some queue names as its dead-letter queue.
@@ -262,80 +373,6 @@ impl Template {
             .filter_map(|q| q.redrive.as_ref())
             .map(|r| r.dead_letter_queue.as_str())
             .collect()
-    }
-
-    fn build(document: Value, overrides: BTreeMap<String, String>) -> Result<Self, TemplateError> {
-        let parameters = parse_parameters(&document)?;
-        if let Some(unknown) = overrides.keys().find(|k| !parameters.contains_key(*k)) {
-            return Err(TemplateError::UnknownParameter(unknown.clone()));
-        }
-        let ctx = Ctx {
-            parameters: &parameters,
-            overrides: &overrides,
-        };
-
-        let resources = document
-            .get("Resources")
-            .and_then(Value::as_mapping)
-            .ok_or_else(|| invalid("Resources", "missing or not a mapping"))?;
-
-        let mut resource_types = BTreeMap::new();
-        for (id, resource) in resources {
-            let id = key_str(id, "Resources")?;
-            let ty = resource
-                .get("Type")
-                .and_then(Value::as_str)
-                .ok_or_else(|| invalid(format!("Resources.{id}.Type"), "missing"))?;
-            resource_types.insert(id.to_string(), ty.to_string());
-        }
-
-        let globals = document
-            .get("Globals")
-            .and_then(|g| g.get("Function"))
-            .and_then(Value::as_mapping);
-
-        let mut tables = Vec::new();
-        let mut queues = Vec::new();
-        let mut functions = Vec::new();
-        for (id, resource) in resources {
-            let id = key_str(id, "Resources")?;
-            match resource_types[id].as_str() {
-                "AWS::DynamoDB::Table" => tables.push(parse_table(id, resource)?),
-                "AWS::Serverless::SimpleTable" => tables.push(parse_simple_table(id, resource)?),
-                "AWS::SQS::Queue" => queues.push(parse_queue(id, resource, &ctx)?),
-                _ => {}
-            }
-        }
-        let queue_ids: BTreeSet<&str> = queues.iter().map(|q| q.logical_id.as_str()).collect();
-        for queue in &queues {
-            if let Some(redrive) = &queue.redrive {
-                if !queue_ids.contains(redrive.dead_letter_queue.as_str()) {
-                    return Err(invalid(
-                        format!("Resources.{}.Properties.RedrivePolicy", queue.logical_id),
-                        format!(
-                            "dead-letter queue {} is not an AWS::SQS::Queue of this template",
-                            redrive.dead_letter_queue
-                        ),
-                    ));
-                }
-            }
-        }
-        for (id, resource) in resources {
-            let id = key_str(id, "Resources")?;
-            if resource_types[id] == "AWS::Serverless::Function" {
-                functions.push(parse_function(id, resource, globals, &ctx, &queue_ids)?);
-            }
-        }
-
-        Ok(Template {
-            parameters,
-            parameter_overrides: overrides,
-            tables,
-            queues,
-            functions,
-            resource_types,
-            document,
-        })
     }
 }
 
@@ -376,357 +413,1054 @@ impl FunctionSpec {
 }
 
 // ------------------------------------------------------------------------------------------
-// Intrinsic functions
+// Values: literals and intrinsic functions
 // ------------------------------------------------------------------------------------------
 
+/// An intrinsic function call.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Intrinsic {
     Ref(String),
     GetAtt(String, String),
     Sub(String),
-    /// Any other intrinsic, by name (`If`, `Join`, `Sub` with variables, ...).
+    /// Any other intrinsic (`!If`, `!Join`, `!Sub` with a variable map, ...), described.
     Other(String),
 }
 
-fn short_name(tag: &serde_yaml::value::Tag) -> String {
-    let tag = tag.to_string();
-    tag.strip_prefix('!').unwrap_or(&tag).to_string()
+impl fmt::Display for Intrinsic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Intrinsic::Ref(target) => write!(f, "!Ref {target}"),
+            Intrinsic::GetAtt(id, attr) => write!(f, "!GetAtt {id}.{attr}"),
+            Intrinsic::Sub(text) => write!(f, "!Sub {text:?}"),
+            Intrinsic::Other(what) => f.write_str(what),
+        }
+    }
 }
 
-/// Reads `v` as an intrinsic function call, short or long form; `None` for plain values.
-fn intrinsic(v: &Value) -> Option<Intrinsic> {
-    let (name, arg) = match v {
-        Value::Tagged(tagged) => (short_name(&tagged.tag), &tagged.value),
-        Value::Mapping(m) if m.len() == 1 => {
-            let (k, arg) = m.iter().next()?;
-            let k = k.as_str()?;
-            if k == "Ref" {
-                ("Ref".to_string(), arg)
-            } else {
-                (k.strip_prefix("Fn::")?.to_string(), arg)
-            }
-        }
-        _ => return None,
-    };
-    Some(match name.as_str() {
-        "Ref" => match arg.as_str() {
-            Some(target) => Intrinsic::Ref(target.to_string()),
-            None => Intrinsic::Other("Ref with a non-string argument".into()),
-        },
-        "GetAtt" => match arg {
-            Value::String(s) => match s.split_once('.') {
+impl Intrinsic {
+    /// The call of `name` (`Ref`, `GetAtt`, `Fn::GetAtt`, ...) on `argument`.
+    fn read(name: &str, argument: Value) -> Result<Self, String> {
+        let name = name.trim_start_matches('!').trim_start_matches("Fn::");
+        Ok(match (name, argument) {
+            ("Ref", Value::String(target)) => Intrinsic::Ref(target),
+            ("GetAtt", Value::String(dotted)) => match dotted.split_once('.') {
                 Some((id, attr)) => Intrinsic::GetAtt(id.to_string(), attr.to_string()),
-                None => Intrinsic::Other(format!("GetAtt {s} (expected Resource.Attribute)")),
+                None => return Err(format!("!GetAtt {dotted}: expected Resource.Attribute")),
             },
-            Value::Sequence(items) if items.len() == 2 => {
-                match (items[0].as_str(), items[1].as_str()) {
-                    (Some(id), Some(attr)) => Intrinsic::GetAtt(id.to_string(), attr.to_string()),
-                    _ => Intrinsic::Other("GetAtt with non-string arguments".into()),
+            ("GetAtt", Value::Sequence(pair)) => match <[Value; 2]>::try_from(pair) {
+                Ok([Value::String(id), Value::String(attr)]) => Intrinsic::GetAtt(id, attr),
+                _ => return Err("!GetAtt takes [Resource, Attribute]".into()),
+            },
+            ("Ref" | "GetAtt", argument) => {
+                return Err(format!(
+                    "!{name} of {argument:?}: expected a logical id (.Attribute)"
+                ))
+            }
+            ("Sub", Value::String(text)) => Intrinsic::Sub(text),
+            ("Sub", _) => Intrinsic::Other("!Sub with a variable map".into()),
+            (other, _) => Intrinsic::Other(format!("!{other}")),
+        })
+    }
+}
+
+/// A property as written: a literal (YAML numbers and booleans as their text, so `45` and
+/// `"45"` are the same, as for CloudFormation), an intrinsic function, either as a tag
+/// (`!Ref X`) or in its long form (`{Ref: X}`, `{"Fn::GetAtt": [X, Arn]}`), or a list.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "Value")]
+enum Val {
+    Lit(String),
+    Fn(Intrinsic),
+    List(Vec<Val>),
+}
+
+impl TryFrom<Value> for Val {
+    type Error = String;
+
+    fn try_from(value: Value) -> Result<Self, String> {
+        Ok(match value {
+            Value::String(text) => Val::Lit(text),
+            Value::Number(n) => Val::Lit(n.to_string()),
+            Value::Bool(b) => Val::Lit(b.to_string()),
+            Value::Sequence(items) => {
+                Val::List((items.into_iter().map(Val::try_from)).collect::<Result<_, _>>()?)
+            }
+            Value::Tagged(call) => Val::Fn(Intrinsic::read(&call.tag.to_string(), call.value)?),
+            Value::Mapping(m) => {
+                let mut entries = m.into_iter();
+                match (entries.next(), entries.next()) {
+                    (Some((Value::String(name), argument)), None)
+                        if name == "Ref" || name.starts_with("Fn::") =>
+                    {
+                        Val::Fn(Intrinsic::read(&name, argument)?)
+                    }
+                    _ => {
+                        return Err(
+                            "a mapping other than an intrinsic function is not a value".into()
+                        )
+                    }
                 }
             }
-            _ => Intrinsic::Other("GetAtt with an unexpected argument".into()),
-        },
-        "Sub" => match arg.as_str() {
-            Some(s) => Intrinsic::Sub(s.to_string()),
-            None => Intrinsic::Other("Sub with a variable map".into()),
-        },
-        other => Intrinsic::Other(other.to_string()),
+            Value::Null => return Err("null is not a value".into()),
+        })
+    }
+}
+
+impl fmt::Display for Val {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Val::Lit(text) => write!(f, "{text:?}"),
+            Val::Fn(call) => call.fmt(f),
+            Val::List(items) => write!(f, "a list of {}", items.len()),
+        }
+    }
+}
+
+/// A string property: a literal, or a `!Ref` to a parameter (substituted before reading).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(try_from = "Val")]
+struct Str(String);
+
+impl TryFrom<Val> for Str {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        match value {
+            Val::Lit(text) => Ok(Str(text)),
+            other => Err(format!(
+                "{other} is not a literal or a !Ref to a parameter with a value (all the local \
+                 runner reads here)"
+            )),
+        }
+    }
+}
+
+/// A number or boolean property, read from its text (`45` and `"45"`; `true` and `True`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Parsed<T>(T);
+
+impl<'de, T: FromStr> Deserialize<'de> for Parsed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Str(text) = Str::deserialize(d)?;
+        let what = std::any::type_name::<T>();
+        (text.trim().to_ascii_lowercase().parse().map(Parsed))
+            .map_err(|_| de::Error::custom(format!("{text:?} is not a valid {what}")))
+    }
+}
+
+/// A whole number in `MIN..=MAX`.
+#[derive(Clone, Copy, Debug)]
+struct InRange<const MIN: u32, const MAX: u32>(u32);
+
+impl<'de, const MIN: u32, const MAX: u32> Deserialize<'de> for InRange<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Parsed::<u32>::deserialize(d)?.0 {
+            n if (MIN..=MAX).contains(&n) => Ok(InRange(n)),
+            n => Err(de::Error::custom(format!("{n} is outside {MIN}..={MAX}"))),
+        }
+    }
+}
+
+/// `!GetAtt X.Arn`: X.
+#[derive(Deserialize)]
+#[serde(try_from = "Val")]
+struct ArnOf(String);
+
+impl TryFrom<Val> for ArnOf {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        match value {
+            Val::Fn(Intrinsic::GetAtt(id, attr)) if attr == "Arn" => Ok(ArnOf(id)),
+            other => Err(format!("{other} is not !GetAtt X.Arn")),
+        }
+    }
+}
+
+/// `!Ref X`: X.
+#[derive(Deserialize)]
+#[serde(try_from = "Val")]
+struct RefTo(String);
+
+impl TryFrom<Val> for RefTo {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        match value {
+            Val::Fn(Intrinsic::Ref(id)) => Ok(RefTo(id)),
+            other => Err(format!("{other} is not !Ref X")),
+        }
+    }
+}
+
+/// A property the runner refuses rather than misread.
+struct Refused;
+
+impl<'de> Deserialize<'de> for Refused {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(de::Error::custom(
+            "not supported by the local runner's template reader",
+        ))
+    }
+}
+
+/// IAM's "one or a list".
+#[derive(Deserialize)]
+#[serde(try_from = "Val", bound = "T: TryFrom<Val, Error = String>")]
+struct Items<T>(Vec<T>);
+
+impl<T: TryFrom<Val, Error = String>> TryFrom<Val> for Items<T> {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        let items = match value {
+            Val::List(items) => items,
+            one => vec![one],
+        };
+        (items.into_iter().map(T::try_from))
+            .collect::<Result<_, _>>()
+            .map(Items)
+    }
+}
+
+impl<T> Default for Items<T> {
+    fn default() -> Self {
+        Items(Vec::new())
+    }
+}
+
+impl TryFrom<Val> for EnvValue {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        Ok(match value {
+            Val::Lit(text) => EnvValue::Literal(text),
+            Val::Fn(Intrinsic::Ref(target)) => EnvValue::Ref(target),
+            Val::Fn(Intrinsic::GetAtt(id, attr)) => EnvValue::GetAtt(id, attr),
+            Val::Fn(Intrinsic::Sub(text)) => EnvValue::Sub(text),
+            Val::Fn(other) => EnvValue::Unsupported(other.to_string()),
+            Val::List(_) => return Err("a list is not a value".into()),
+        })
+    }
+}
+
+impl TryFrom<Val> for DimensionValue {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        match value {
+            Val::Lit(text) => Ok(DimensionValue::Literal(text)),
+            Val::Fn(Intrinsic::Ref(target)) => Ok(DimensionValue::Ref(target)),
+            Val::Fn(Intrinsic::GetAtt(logical_id, attribute)) => Ok(DimensionValue::GetAtt {
+                logical_id,
+                attribute,
+            }),
+            other => Err(format!("{other} is not a literal, !Ref or !GetAtt")),
+        }
+    }
+}
+
+impl TryFrom<Val> for ResourceRef {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        let arn = |id: &str, suffix: &str| ResourceRef::Arn {
+            logical_id: id.to_string(),
+            suffix: suffix.to_string(),
+        };
+        match &value {
+            Val::Lit(text) if text == "*" => return Ok(ResourceRef::Any),
+            Val::Lit(text) => return Ok(ResourceRef::Literal(text.clone())),
+            Val::Fn(Intrinsic::GetAtt(id, attr)) if attr == "Arn" => return Ok(arn(id, "")),
+            Val::Fn(Intrinsic::Sub(text)) => {
+                let found = (text.strip_prefix("${"))
+                    .and_then(|rest| rest.split_once(".Arn}"))
+                    .filter(|(id, suffix)| !id.contains(['$', '{', '}']) && !suffix.contains("${"));
+                if let Some((id, suffix)) = found {
+                    return Ok(arn(id, suffix));
+                }
+            }
+            _ => {}
+        }
+        Err(format!(
+            "{value} is not \"*\", an ARN, !GetAtt X.Arn or !Sub \"${{X.Arn}}...\""
+        ))
+    }
+}
+
+/// `!Ref X` (X), or a literal ARN: an alarm's action.
+#[derive(Deserialize)]
+#[serde(try_from = "Val")]
+struct Target(String);
+
+impl TryFrom<Val> for Target {
+    type Error = String;
+
+    fn try_from(value: Val) -> Result<Self, String> {
+        match value {
+            Val::Lit(arn) | Val::Fn(Intrinsic::Ref(arn)) => Ok(Target(arn)),
+            other => Err(format!("{other} is not a literal ARN or a !Ref")),
+        }
+    }
+}
+
+/// `value` with every `!Ref` to a parameter that has a value replaced by that value (a
+/// string: CloudFormation hands parameters to `!Ref` as strings).
+fn substitute(value: &mut Value, parameters: &BTreeMap<&str, &str>) {
+    let target = match &*value {
+        Value::Tagged(t) if t.tag == "Ref" => t.value.as_str(),
+        Value::Mapping(m) if m.len() == 1 => m.get("Ref").and_then(Value::as_str),
+        _ => None,
+    };
+    if let Some(parameter) = target.and_then(|t| parameters.get(t)) {
+        *value = Value::String(parameter.to_string());
+        return;
+    }
+    match value {
+        Value::Sequence(items) => items.iter_mut().for_each(|v| substitute(v, parameters)),
+        Value::Mapping(m) => m.values_mut().for_each(|v| substitute(v, parameters)),
+        Value::Tagged(t) => substitute(&mut t.value, parameters),
+        _ => {}
+    }
+}
+
+/// `value` (a resource, its `Properties` or `Metadata`, an event) as `T`; an error names its
+/// path below `at`. A missing value reads as an empty mapping.
+fn typed<T: DeserializeOwned>(value: &Value, at: &str) -> Result<T, TemplateError> {
+    let empty = Value::Mapping(Mapping::new());
+    let value = if value.is_null() { &empty } else { value };
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let at = match e.path().to_string() {
+            path if path == "." => at.to_string(),
+            path if path.starts_with('[') => format!("{at}{path}"),
+            path => format!("{at}.{path}"),
+        };
+        invalid(at, e.into_inner().to_string())
     })
 }
 
-fn describe(v: &Value) -> String {
-    match intrinsic(v) {
-        Some(Intrinsic::Ref(t)) => format!("!Ref {t}"),
-        Some(Intrinsic::GetAtt(id, attr)) => format!("!GetAtt {id}.{attr}"),
-        Some(Intrinsic::Sub(s)) => format!("!Sub {s:?}"),
-        Some(Intrinsic::Other(name)) => format!("!{name}"),
-        None => serde_yaml::to_string(v)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| format!("{v:?}")),
-    }
+// ------------------------------------------------------------------------------------------
+// The template as written: what serde reads
+// ------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Document {
+    #[serde(default)]
+    parameters: BTreeMap<String, ParameterProps>,
+    #[serde(default)]
+    globals: Globals,
+    /// Read in the template's order, each by its `Type`, once parameters are substituted.
+    resources: Mapping,
 }
 
-fn plain_scalar(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ParameterProps {
+    #[serde(rename = "Type")]
+    parameter_type: String,
+    default: Option<Val>,
 }
 
-fn key_str<'a>(k: &'a Value, at: &str) -> Result<&'a str, TemplateError> {
-    k.as_str()
-        .ok_or_else(|| invalid(at, format!("key {} is not a string", describe(k))))
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Globals {
+    #[serde(default)]
+    function: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ResourceProps {
+    #[serde(rename = "Type")]
+    resource_type: String,
+    #[serde(default)]
+    properties: Value,
+    #[serde(default)]
+    metadata: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TableProps {
+    attribute_definitions: Vec<AttributeDefinition>,
+    key_schema: Vec<KeyElement>,
+    #[serde(default)]
+    global_secondary_indexes: Vec<IndexProps>,
+    #[serde(rename = "LocalSecondaryIndexes")]
+    _local_secondary_indexes: Option<Refused>,
+    time_to_live_specification: Option<TtlProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AttributeDefinition {
+    attribute_name: String,
+    attribute_type: AttributeType,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+enum AttributeType {
+    S,
+    N,
+    B,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KeyElement {
+    attribute_name: String,
+    key_type: KeyType,
+}
+
+#[derive(Debug, Deserialize)]
+#[allow(clippy::upper_case_acronyms)] // as CloudFormation writes them
+enum KeyType {
+    HASH,
+    RANGE,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct IndexProps {
+    index_name: String,
+    key_schema: Vec<KeyElement>,
+    projection: ProjectionProps,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ProjectionProps {
+    projection_type: ProjectionType,
+    #[serde(default)]
+    non_key_attributes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+enum ProjectionType {
+    ALL,
+    KEYS_ONLY,
+    INCLUDE,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TtlProps {
+    attribute_name: Option<String>,
+    #[serde(default)]
+    enabled: Parsed<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SimpleTableProps {
+    primary_key: Option<PrimaryKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PrimaryKey {
+    name: String,
+    #[serde(rename = "Type")]
+    key_type: SimpleKeyType,
+}
+
+#[derive(Deserialize)]
+enum SimpleKeyType {
+    String,
+    Number,
+    Binary,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct QueueProps {
+    visibility_timeout: Option<Parsed<i32>>,
+    message_retention_period: Option<Parsed<i32>>,
+    #[serde(default)]
+    fifo_queue: Parsed<bool>,
+    redrive_policy: Option<RedriveProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    rename_all = "camelCase",
+    expecting = "the mapping form {deadLetterTargetArn: !GetAtt Dlq.Arn, maxReceiveCount: N}"
+)]
+struct RedriveProps {
+    dead_letter_target_arn: ArnOf,
+    max_receive_count: Parsed<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct FunctionMetadata {
+    build_properties: Option<BuildProperties>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct BuildProperties {
+    binary: Option<String>,
+}
+
+/// A function's `Properties`, and `Globals.Function`.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct FunctionProps {
+    runtime: Option<Str>,
+    architectures: Option<Vec<Str>>,
+    timeout: Option<Parsed<u32>>,
+    memory_size: Option<Parsed<u32>>,
+    tracing: Option<Str>,
+    #[serde(default)]
+    environment: EnvironmentProps,
+    #[serde(default)]
+    logging_config: LoggingProps,
+    role: Option<ArnOf>,
+    policies: Option<IgnoredAny>,
+    /// Read in the template's order, each by its `Type`.
+    #[serde(default)]
+    events: Mapping,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EnvironmentProps {
+    #[serde(default)]
+    variables: BTreeMap<String, EnvValue>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LoggingProps {
+    log_group: Option<RefTo>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EventProps {
+    #[serde(rename = "Type")]
+    event_type: String,
+    #[serde(default)]
+    properties: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SqsEventProps {
+    queue: ArnOf,
+    batch_size: Option<InRange<1, 10_000>>,
+    maximum_batching_window_in_seconds: Option<InRange<0, 300>>,
+    /// cfn-lint does not check these values, so the runner does: a misspelt value would make
+    /// Lambda ignore the batch item failures that every handler reports.
+    #[serde(default)]
+    function_response_types: Vec<ResponseType>,
+    scaling_config: Option<ScalingProps>,
+    enabled: Option<Parsed<bool>>,
+}
+
+#[derive(Deserialize)]
+enum ResponseType {
+    ReportBatchItemFailures,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ScalingProps {
+    maximum_concurrency: Option<InRange<2, 1000>>,
+}
+
+/// `Schedule` (EventBridge rule) and `ScheduleV2` (EventBridge Scheduler) events.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ScheduleProps {
+    schedule: Option<Str>,
+    schedule_expression: Option<Str>,
+    enabled: Option<Parsed<bool>>,
+    state: Option<ScheduleState>,
+}
+
+#[derive(Deserialize)]
+#[allow(clippy::upper_case_acronyms)]
+enum ScheduleState {
+    ENABLED,
+    DISABLED,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HttpEventProps {
+    method: Option<Str>,
+    path: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RoleProps {
+    assume_role_policy_document: Option<PolicyDocument>,
+    #[serde(default)]
+    policies: Vec<InlinePolicy>,
+    #[serde(default)]
+    managed_policy_arns: Vec<Val>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct InlinePolicy {
+    policy_name: String,
+    policy_document: PolicyDocument,
+}
+
+/// `AWS::IAM::Policy` and `AWS::IAM::ManagedPolicy`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AttachedPolicyProps {
+    policy_document: PolicyDocument,
+    #[serde(default)]
+    roles: Vec<RefTo>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PolicyDocument {
+    statement: Vec<StatementProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StatementProps {
+    sid: Option<String>,
+    effect: Effect,
+    #[serde(default)]
+    action: Items<Str>,
+    #[serde(default)]
+    resource: Items<ResourceRef>,
+    principal: Option<PrincipalProps>,
+    #[serde(rename = "NotAction")]
+    _not_action: Option<Refused>,
+    #[serde(rename = "NotResource")]
+    _not_resource: Option<Refused>,
+    #[serde(rename = "NotPrincipal")]
+    _not_principal: Option<Refused>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PrincipalProps {
+    #[serde(default)]
+    service: Items<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AlarmProps {
+    namespace: Option<Str>,
+    metric_name: Option<Str>,
+    #[serde(default)]
+    dimensions: Vec<DimensionProps>,
+    #[serde(default)]
+    alarm_actions: Vec<Target>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DimensionProps {
+    name: String,
+    value: DimensionValue,
 }
 
 // ------------------------------------------------------------------------------------------
-// Parameters and scalar properties
+// Building the specs: parameters substituted, Globals merged, references checked
 // ------------------------------------------------------------------------------------------
 
-fn parameter_value<'a>(
-    parameters: &'a BTreeMap<String, ParameterSpec>,
-    overrides: &'a BTreeMap<String, String>,
-    name: &str,
-) -> Option<&'a str> {
-    overrides
-        .get(name)
-        .map(String::as_str)
-        .or_else(|| parameters.get(name).and_then(|p| p.default.as_deref()))
-}
-
-fn parse_parameters(document: &Value) -> Result<BTreeMap<String, ParameterSpec>, TemplateError> {
-    let mut out = BTreeMap::new();
-    let Some(params) = document.get("Parameters") else {
-        return Ok(out);
-    };
-    let params = params
-        .as_mapping()
-        .ok_or_else(|| invalid("Parameters", "not a mapping"))?;
-    for (name, spec) in params {
-        let name = key_str(name, "Parameters")?;
-        let at = format!("Parameters.{name}");
-        let parameter_type = spec
-            .get("Type")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid(format!("{at}.Type"), "missing"))?
-            .to_string();
-        let default = match spec.get("Default") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                plain_scalar(v).ok_or_else(|| invalid(format!("{at}.Default"), "not a scalar"))?,
-            ),
-        };
-        out.insert(
-            name.to_string(),
-            ParameterSpec {
-                name: name.to_string(),
+impl Template {
+    fn build(
+        document: Document,
+        overrides: BTreeMap<String, String>,
+    ) -> Result<Self, TemplateError> {
+        let mut parameters = BTreeMap::new();
+        for (name, p) in &document.parameters {
+            let default = match &p.default {
+                None => None,
+                Some(Val::Lit(text)) => Some(text.clone()),
+                Some(other) => {
+                    let at = format!("Parameters.{name}.Default");
+                    return Err(invalid(at, format!("{other} is not a plain value")));
+                }
+            };
+            let parameter_type = p.parameter_type.clone();
+            let spec = ParameterSpec {
+                name: name.clone(),
                 parameter_type,
                 default,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// Resolves parameters for properties the runner reads (timeouts, sizes, schedules).
-struct Ctx<'a> {
-    parameters: &'a BTreeMap<String, ParameterSpec>,
-    overrides: &'a BTreeMap<String, String>,
-}
-
-impl Ctx<'_> {
-    /// A scalar property: a plain value or a `!Ref` to a parameter.
-    fn scalar(&self, v: &Value, at: &str) -> Result<String, TemplateError> {
-        if let Some(s) = plain_scalar(v) {
-            return Ok(s);
+            };
+            parameters.insert(name.clone(), spec);
         }
-        match intrinsic(v) {
-            Some(Intrinsic::Ref(name)) if self.parameters.contains_key(&name) => {
-                parameter_value(self.parameters, self.overrides, &name)
-                    .map(str::to_string)
-                    .ok_or_else(|| {
-                        invalid(at, format!("parameter {name} has no default and no override"))
-                    })
+        if let Some(unknown) = overrides.keys().find(|k| !parameters.contains_key(*k)) {
+            return Err(TemplateError::UnknownParameter(unknown.clone()));
+        }
+        let mut t = Template {
+            parameters,
+            parameter_overrides: overrides,
+            tables: Vec::new(),
+            queues: Vec::new(),
+            functions: Vec::new(),
+            roles: Vec::new(),
+            alarms: Vec::new(),
+            resource_types: BTreeMap::new(),
+            document: Document::default(),
+        };
+        // Every `!Ref` to a parameter that has a value reads as that value.
+        let values: BTreeMap<&str, &str> = (t.parameters.keys())
+            .filter_map(|name| Some((name.as_str(), t.parameter_value(name)?)))
+            .collect();
+        let mut globals = document.globals.function.clone();
+        substitute(&mut globals, &values);
+        let globals: FunctionProps = typed(&globals, "Globals.Function")?;
+        let mut resources = Vec::new();
+        for (id, resource) in &document.resources {
+            let id = id
+                .as_str()
+                .ok_or_else(|| invalid("Resources", "a key is not a string"))?;
+            let mut resource = resource.clone();
+            substitute(&mut resource, &values);
+            resources.push((
+                id,
+                typed::<ResourceProps>(&resource, &format!("Resources.{id}"))?,
+            ));
+        }
+        t.resource_types = (resources.iter())
+            .map(|(id, r)| (id.to_string(), r.resource_type.clone()))
+            .collect();
+
+        let mut attached = Vec::new();
+        for (id, resource) in resources {
+            let at = format!("Resources.{id}.Properties");
+            let props = &resource.properties;
+            match resource.resource_type.as_str() {
+                "AWS::DynamoDB::Table" => t.tables.push(table(id, typed(props, &at)?, &at)?),
+                "AWS::Serverless::SimpleTable" => {
+                    t.tables.push(simple_table(id, typed(props, &at)?))
+                }
+                "AWS::SQS::Queue" => {
+                    let queue = t.queue_spec(id, typed(props, &at)?, &at)?;
+                    t.queues.push(queue);
+                }
+                "AWS::Serverless::Function" => {
+                    let mat = format!("Resources.{id}.Metadata");
+                    let metadata: FunctionMetadata = typed(&resource.metadata, &mat)?;
+                    let binary = metadata.build_properties.and_then(|b| b.binary);
+                    let binary = binary.ok_or_else(|| {
+                        let why = "the local runner needs to know which binary this function is";
+                        invalid(
+                            format!("{mat}.BuildProperties.Binary"),
+                            format!("missing: {why}"),
+                        )
+                    })?;
+                    let f = t.function_spec(id, binary, typed(props, &at)?, &globals, &at)?;
+                    t.functions.push(f);
+                }
+                "AWS::IAM::Role" => {
+                    let role = t.role_spec(id, typed(props, &at)?, &at)?;
+                    t.roles.push(role);
+                }
+                "AWS::IAM::Policy" | "AWS::IAM::ManagedPolicy" => {
+                    let policy: AttachedPolicyProps = typed(props, &at)?;
+                    let dat = format!("{at}.PolicyDocument");
+                    let statements = t.statements(id, policy.policy_document, &dat)?;
+                    attached.push((policy.roles, statements, at));
+                }
+                "AWS::CloudWatch::Alarm" => {
+                    let p: AlarmProps = typed(props, &at)?;
+                    t.alarms.push(AlarmSpec {
+                        logical_id: id.to_string(),
+                        namespace: p.namespace.map(|s| s.0),
+                        metric_name: p.metric_name.map(|s| s.0),
+                        dimensions: p
+                            .dimensions
+                            .into_iter()
+                            .map(|d| (d.name, d.value))
+                            .collect(),
+                        alarm_actions: p.alarm_actions.into_iter().map(|a| a.0).collect(),
+                    });
+                }
+                _ => {}
             }
+        }
+        // Policies attached to roles from outside them.
+        for (roles, statements, at) in attached {
+            for (i, RefTo(role)) in roles.into_iter().enumerate() {
+                let role = t.is_a(&role, "AWS::IAM::Role", &format!("{at}.Roles[{i}]"))?;
+                for spec in t.roles.iter_mut().filter(|r| r.logical_id == role) {
+                    spec.statements.extend(statements.iter().cloned());
+                }
+            }
+        }
+        t.document = document;
+        Ok(t)
+    }
+
+    /// `id` when it is a resource of `resource_type`, else an error at `at`.
+    fn is_a(&self, id: &str, resource_type: &str, at: &str) -> Result<String, TemplateError> {
+        match self.resource_types.get(id) {
+            Some(ty) if ty == resource_type => Ok(id.to_string()),
             _ => Err(invalid(
                 at,
-                format!(
-                    "{} is not a literal or a !Ref to a parameter (all the local runner reads here)",
-                    describe(v)
-                ),
+                format!("{id} is not an {resource_type} of this template"),
             )),
         }
     }
 
-    fn number<T: std::str::FromStr>(&self, v: &Value, at: &str) -> Result<T, TemplateError> {
-        let s = self.scalar(v, at)?;
-        s.trim()
-            .parse()
-            .map_err(|_| invalid(at, format!("{s:?} is not a valid number here")))
-    }
-
-    fn optional_number<T: std::str::FromStr>(
-        &self,
-        parent: &Value,
-        key: &str,
-        at: &str,
-    ) -> Result<Option<T>, TemplateError> {
-        match parent.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => self.number(v, &format!("{at}.{key}")).map(Some),
-        }
-    }
-
-    fn boolean(&self, v: &Value, at: &str) -> Result<bool, TemplateError> {
-        match self.scalar(v, at)?.trim().to_ascii_lowercase().as_str() {
-            "true" => Ok(true),
-            "false" => Ok(false),
-            other => Err(invalid(at, format!("{other:?} is not true or false"))),
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------
-// Tables
-// ------------------------------------------------------------------------------------------
-
-fn properties<'a>(id: &str, resource: &'a Value) -> Result<&'a Value, TemplateError> {
-    resource
-        .get("Properties")
-        .ok_or_else(|| invalid(format!("Resources.{id}.Properties"), "missing"))
-}
-
-fn parse_key_schema(
-    schema: Option<&Value>,
-    types: &BTreeMap<String, String>,
-    at: &str,
-) -> Result<(KeyAttr, Option<KeyAttr>), TemplateError> {
-    let elements = schema
-        .and_then(Value::as_sequence)
-        .ok_or_else(|| invalid(at, "missing or not a list"))?;
-    let mut hash = None;
-    let mut range = None;
-    for element in elements {
-        let name = element
-            .get("AttributeName")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid(at, "an element has no AttributeName"))?;
-        let attr_type = types.get(name).ok_or_else(|| {
-            invalid(
-                at,
-                format!("key attribute {name} is not in AttributeDefinitions"),
-            )
-        })?;
-        let key = KeyAttr {
-            name: name.to_string(),
-            attr_type: attr_type.clone(),
+    fn queue_spec(&self, id: &str, p: QueueProps, at: &str) -> Result<QueueSpec, TemplateError> {
+        let dlq = format!("{at}.RedrivePolicy.deadLetterTargetArn");
+        let redrive = match p.redrive_policy {
+            None => None,
+            Some(r) => Some(Redrive {
+                dead_letter_queue: self.is_a(
+                    &r.dead_letter_target_arn.0,
+                    "AWS::SQS::Queue",
+                    &dlq,
+                )?,
+                max_receive_count: r.max_receive_count.0,
+            }),
         };
-        match element.get("KeyType").and_then(Value::as_str) {
-            Some("HASH") if hash.is_none() => hash = Some(key),
-            Some("RANGE") if range.is_none() => range = Some(key),
-            other => {
-                return Err(invalid(
-                    at,
-                    format!("unexpected or repeated KeyType {other:?} for {name}"),
-                ))
+        Ok(QueueSpec {
+            logical_id: id.to_string(),
+            visibility_timeout: p.visibility_timeout.map(|v| v.0),
+            message_retention_period: p.message_retention_period.map(|v| v.0),
+            redrive,
+            fifo: p.fifo_queue.0,
+        })
+    }
+
+    /// A function: its properties over `Globals.Function`'s (environment variables one by one).
+    fn function_spec(
+        &self,
+        id: &str,
+        binary: String,
+        own: FunctionProps,
+        globals: &FunctionProps,
+        at: &str,
+    ) -> Result<FunctionSpec, TemplateError> {
+        let log_group = match (
+            own.logging_config.log_group,
+            &globals.logging_config.log_group,
+        ) {
+            (Some(RefTo(group)), _) => Some((group, format!("{at}.LoggingConfig.LogGroup"))),
+            (None, Some(RefTo(group))) => Some((
+                group.clone(),
+                "Globals.Function.LoggingConfig.LogGroup".into(),
+            )),
+            (None, None) => None,
+        };
+        let string =
+            |own: Option<Str>, global: &Option<Str>| own.or_else(|| global.clone()).map(|s| s.0);
+        let mut spec = FunctionSpec {
+            logical_id: id.to_string(),
+            binary,
+            runtime: string(own.runtime, &globals.runtime),
+            architectures: (own.architectures.or_else(|| globals.architectures.clone()))
+                .map_or_else(Vec::new, |list| list.into_iter().map(|a| a.0).collect()),
+            timeout_seconds: own
+                .timeout
+                .or(globals.timeout)
+                .map_or(DEFAULT_TIMEOUT_SECONDS, |t| t.0),
+            memory_mb: own
+                .memory_size
+                .or(globals.memory_size)
+                .map_or(DEFAULT_MEMORY_MB, |m| m.0),
+            environment: (globals.environment.variables.clone().into_iter())
+                .chain(own.environment.variables)
+                .collect(),
+            sqs_events: Vec::new(),
+            schedules: Vec::new(),
+            http_routes: Vec::new(),
+            other_events: Vec::new(),
+            role: (own
+                .role
+                .map(|ArnOf(role)| self.is_a(&role, "AWS::IAM::Role", &format!("{at}.Role"))))
+            .transpose()?,
+            log_group: (log_group
+                .map(|(group, lat)| self.is_a(&group, "AWS::Logs::LogGroup", &lat)))
+            .transpose()?,
+            tracing: string(own.tracing, &globals.tracing),
+            sam_policies: own.policies.is_some(),
+        };
+        for (name, event) in &own.events {
+            let name = name
+                .as_str()
+                .ok_or_else(|| invalid(format!("{at}.Events"), "a key is not a string"))?;
+            let event: EventProps = typed(event, &format!("{at}.Events.{name}"))?;
+            let eat = format!("{at}.Events.{name}.Properties");
+            let props = &event.properties;
+            match event.event_type.as_str() {
+                "SQS" => {
+                    let p: SqsEventProps = typed(props, &eat)?;
+                    spec.sqs_events.push(SqsEventSpec {
+                        name: name.to_string(),
+                        queue: self.is_a(&p.queue.0, "AWS::SQS::Queue", &format!("{eat}.Queue"))?,
+                        batch_size: p.batch_size.map_or(DEFAULT_SQS_BATCH_SIZE, |b| b.0),
+                        batching_window_seconds: (p.maximum_batching_window_in_seconds)
+                            .map_or(DEFAULT_SQS_BATCHING_WINDOW_SECONDS, |w| w.0),
+                        report_batch_item_failures: !p.function_response_types.is_empty(),
+                        maximum_concurrency: (p.scaling_config.and_then(|s| s.maximum_concurrency))
+                            .map(|c| c.0),
+                        enabled: p.enabled.is_none_or(|e| e.0),
+                    });
+                }
+                ty @ ("Schedule" | "ScheduleV2") => {
+                    let p: ScheduleProps = typed(props, &eat)?;
+                    let (key, expression) = match ty {
+                        "ScheduleV2" => ("ScheduleExpression", p.schedule_expression),
+                        _ => ("Schedule", p.schedule),
+                    };
+                    let sat = format!("{eat}.{key}");
+                    let Str(expression) = expression.ok_or_else(|| invalid(&sat, "missing"))?;
+                    spec.schedules.push(ScheduleSpec {
+                        name: name.to_string(),
+                        every: parse_rate(&expression).map_err(|m| invalid(&sat, m))?,
+                        expression,
+                        enabled: match (p.enabled, p.state) {
+                            (Some(enabled), _) => enabled.0,
+                            (None, state) => !matches!(state, Some(ScheduleState::DISABLED)),
+                        },
+                    });
+                }
+                ty @ ("HttpApi" | "Api") => {
+                    let p: HttpEventProps = typed(props, &eat)?;
+                    match (p.method, p.path) {
+                        (Some(Str(method)), Some(Str(path))) => {
+                            spec.http_routes.push((method.to_ascii_uppercase(), path))
+                        }
+                        // An HttpApi event without Method/Path is the catch-all route.
+                        (None, None) if ty == "HttpApi" => {
+                            spec.http_routes.push(("ANY".into(), "$default".into()))
+                        }
+                        _ => return Err(invalid(eat, "needs both Method and Path")),
+                    }
+                }
+                other => spec
+                    .other_events
+                    .push((name.to_string(), other.to_string())),
             }
         }
+        Ok(spec)
     }
-    let hash = hash.ok_or_else(|| invalid(at, "no HASH key"))?;
-    Ok((hash, range))
-}
 
-fn parse_table(id: &str, resource: &Value) -> Result<TableSpec, TemplateError> {
-    let props = properties(id, resource)?;
-    let at = format!("Resources.{id}.Properties");
-
-    let mut types = BTreeMap::new();
-    let definitions = props
-        .get("AttributeDefinitions")
-        .and_then(Value::as_sequence)
-        .ok_or_else(|| {
-            invalid(
-                format!("{at}.AttributeDefinitions"),
-                "missing or not a list",
-            )
-        })?;
-    for definition in definitions {
-        let name = definition.get("AttributeName").and_then(Value::as_str);
-        let ty = definition.get("AttributeType").and_then(Value::as_str);
-        match (name, ty) {
-            (Some(name), Some(ty @ ("S" | "N" | "B"))) => {
-                types.insert(name.to_string(), ty.to_string());
-            }
-            _ => {
-                return Err(invalid(
-                    format!("{at}.AttributeDefinitions"),
-                    format!("bad definition {}", describe(definition)),
-                ))
-            }
+    fn role_spec(&self, id: &str, p: RoleProps, at: &str) -> Result<RoleSpec, TemplateError> {
+        let mut statements = Vec::new();
+        for (i, policy) in p.policies.into_iter().enumerate() {
+            let pat = format!("{at}.Policies[{i}].PolicyDocument");
+            statements.extend(self.statements(
+                &policy.policy_name,
+                policy.policy_document,
+                &pat,
+            )?);
         }
-    }
-
-    let (hash_key, range_key) =
-        parse_key_schema(props.get("KeySchema"), &types, &format!("{at}.KeySchema"))?;
-
-    if props.get("LocalSecondaryIndexes").is_some() {
-        return Err(invalid(
-            format!("{at}.LocalSecondaryIndexes"),
-            "local secondary indexes are not supported by the local runner",
-        ));
-    }
-
-    let mut gsis = Vec::new();
-    if let Some(indexes) = props.get("GlobalSecondaryIndexes") {
-        let indexes = indexes
-            .as_sequence()
-            .ok_or_else(|| invalid(format!("{at}.GlobalSecondaryIndexes"), "not a list"))?;
-        for (i, index) in indexes.iter().enumerate() {
-            let iat = format!("{at}.GlobalSecondaryIndexes[{i}]");
-            let name = index
-                .get("IndexName")
-                .and_then(Value::as_str)
-                .ok_or_else(|| invalid(format!("{iat}.IndexName"), "missing"))?
-                .to_string();
-            let (hash_key, range_key) =
-                parse_key_schema(index.get("KeySchema"), &types, &format!("{iat}.KeySchema"))?;
-            let projection = index.get("Projection");
-            let projection_type = projection
-                .and_then(|p| p.get("ProjectionType"))
-                .and_then(Value::as_str)
-                .ok_or_else(|| invalid(format!("{iat}.Projection.ProjectionType"), "missing"))?;
-            if !matches!(projection_type, "ALL" | "KEYS_ONLY" | "INCLUDE") {
-                return Err(invalid(
-                    format!("{iat}.Projection.ProjectionType"),
-                    format!("{projection_type:?} is not ALL, KEYS_ONLY or INCLUDE"),
-                ));
-            }
-            let non_key_attributes = projection
-                .and_then(|p| p.get("NonKeyAttributes"))
-                .and_then(Value::as_sequence)
-                .map(|attrs| {
-                    attrs
-                        .iter()
-                        .map(|a| {
-                            a.as_str().map(str::to_string).ok_or_else(|| {
-                                invalid(
-                                    format!("{iat}.Projection.NonKeyAttributes"),
-                                    "not a string",
-                                )
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()
+        Ok(RoleSpec {
+            logical_id: id.to_string(),
+            statements,
+            managed_policy_arns: (p.managed_policy_arns.iter())
+                .map(|arn| match arn {
+                    Val::Lit(arn) => arn.clone(),
+                    other => other.to_string(),
                 })
-                .transpose()?
-                .unwrap_or_default();
-            gsis.push(GsiSpec {
-                name,
-                hash_key,
-                range_key,
-                projection: projection_type.to_string(),
-                non_key_attributes,
-            });
-        }
+                .collect(),
+            assumed_by: (p.assume_role_policy_document.into_iter())
+                .flat_map(|d| d.statement)
+                .flat_map(|s| s.principal.map_or_else(Vec::new, |p| p.service.0))
+                .map(|s| s.0)
+                .collect(),
+        })
     }
 
-    let ttl_attribute = match props.get("TimeToLiveSpecification") {
-        None => None,
-        Some(ttl) => {
-            let enabled = ttl.get("Enabled").and_then(Value::as_bool).unwrap_or(false);
-            let attribute = ttl.get("AttributeName").and_then(Value::as_str);
-            match (enabled, attribute) {
-                (false, _) => None,
-                (true, Some(attribute)) => Some(attribute.to_string()),
-                (true, None) => {
-                    return Err(invalid(
-                        format!("{at}.TimeToLiveSpecification.AttributeName"),
-                        "missing",
-                    ))
+    /// The statements of a policy document, every resource ARN one of the template's.
+    fn statements(
+        &self,
+        policy: &str,
+        document: PolicyDocument,
+        at: &str,
+    ) -> Result<Vec<PolicyStatement>, TemplateError> {
+        let mut out = Vec::new();
+        for (i, s) in document.statement.into_iter().enumerate() {
+            for r in &s.resource.0 {
+                if let ResourceRef::Arn { logical_id, .. } = r {
+                    if !self.resource_types.contains_key(logical_id) {
+                        let message = format!("{logical_id} names no resource of the template");
+                        return Err(invalid(format!("{at}.Statement[{i}].Resource"), message));
+                    }
                 }
             }
+            out.push(PolicyStatement {
+                policy_name: policy.to_string(),
+                sid: s.sid,
+                effect: s.effect,
+                actions: s.action.0.into_iter().map(|a| a.0).collect(),
+                resources: s.resource.0,
+            });
         }
-    };
+        Ok(out)
+    }
+}
 
+fn table(id: &str, p: TableProps, at: &str) -> Result<TableSpec, TemplateError> {
+    let types: BTreeMap<&str, AttributeType> = (p.attribute_definitions.iter())
+        .map(|d| (d.attribute_name.as_str(), d.attribute_type))
+        .collect();
+    let keys = |schema: &[KeyElement], at: String| {
+        let (mut hash, mut range) = (None, None);
+        for element in schema {
+            let name = &element.attribute_name;
+            let attr_type = types.get(name.as_str()).ok_or_else(|| {
+                invalid(
+                    &at,
+                    format!("key attribute {name} is not in AttributeDefinitions"),
+                )
+            })?;
+            let key = KeyAttr {
+                name: name.clone(),
+                attr_type: format!("{attr_type:?}"),
+            };
+            let slot = match element.key_type {
+                KeyType::HASH => &mut hash,
+                KeyType::RANGE => &mut range,
+            };
+            if slot.replace(key).is_some() {
+                let message = format!("repeated KeyType {:?} for {name}", element.key_type);
+                return Err(invalid(&at, message));
+            }
+        }
+        Ok((hash.ok_or_else(|| invalid(&at, "no HASH key"))?, range))
+    };
+    let (hash_key, range_key) = keys(&p.key_schema, format!("{at}.KeySchema"))?;
+    let mut gsis = Vec::new();
+    for (i, index) in p.global_secondary_indexes.into_iter().enumerate() {
+        let (hash_key, range_key) = keys(
+            &index.key_schema,
+            format!("{at}.GlobalSecondaryIndexes[{i}].KeySchema"),
+        )?;
+        gsis.push(GsiSpec {
+            name: index.index_name,
+            hash_key,
+            range_key,
+            projection: format!("{:?}", index.projection.projection_type),
+            non_key_attributes: index.projection.non_key_attributes,
+        });
+    }
+    let ttl_attribute = match p.time_to_live_specification {
+        Some(TtlProps {
+            enabled: Parsed(true),
+            attribute_name,
+        }) => Some(attribute_name.ok_or_else(|| {
+            invalid(
+                format!("{at}.TimeToLiveSpecification.AttributeName"),
+                "missing",
+            )
+        })?),
+        _ => None,
+    };
     Ok(TableSpec {
         logical_id: id.to_string(),
         hash_key,
@@ -736,141 +1470,25 @@ fn parse_table(id: &str, resource: &Value) -> Result<TableSpec, TemplateError> {
     })
 }
 
-fn parse_simple_table(id: &str, resource: &Value) -> Result<TableSpec, TemplateError> {
-    let primary = resource.get("Properties").and_then(|p| p.get("PrimaryKey"));
-    let (name, ty) = match primary {
-        None => ("id".to_string(), "S".to_string()),
-        Some(pk) => {
-            let name = pk.get("Name").and_then(Value::as_str);
-            let ty = match pk.get("Type").and_then(Value::as_str) {
-                Some("String") => Some("S"),
-                Some("Number") => Some("N"),
-                Some("Binary") => Some("B"),
-                _ => None,
-            };
-            match (name, ty) {
-                (Some(n), Some(t)) => (n.to_string(), t.to_string()),
-                _ => {
-                    return Err(invalid(
-                        format!("Resources.{id}.Properties.PrimaryKey"),
-                        "needs Name and Type String|Number|Binary",
-                    ))
-                }
-            }
-        }
+fn simple_table(id: &str, p: SimpleTableProps) -> TableSpec {
+    let (name, attr_type) = match p.primary_key {
+        None => ("id".to_string(), "S"),
+        Some(PrimaryKey { name, key_type }) => match key_type {
+            SimpleKeyType::String => (name, "S"),
+            SimpleKeyType::Number => (name, "N"),
+            SimpleKeyType::Binary => (name, "B"),
+        },
     };
-    Ok(TableSpec {
+    TableSpec {
         logical_id: id.to_string(),
         hash_key: KeyAttr {
             name,
-            attr_type: ty,
+            attr_type: attr_type.to_string(),
         },
         range_key: None,
         gsis: Vec::new(),
         ttl_attribute: None,
-    })
-}
-
-// ------------------------------------------------------------------------------------------
-// Queues
-// ------------------------------------------------------------------------------------------
-
-fn parse_queue(id: &str, resource: &Value, ctx: &Ctx) -> Result<QueueSpec, TemplateError> {
-    let at = format!("Resources.{id}.Properties");
-    let empty = Value::Mapping(Mapping::new());
-    let props = resource.get("Properties").unwrap_or(&empty);
-
-    let visibility_timeout = ctx.optional_number(props, "VisibilityTimeout", &at)?;
-    let message_retention_period = ctx.optional_number(props, "MessageRetentionPeriod", &at)?;
-    let fifo = match props.get("FifoQueue") {
-        None | Some(Value::Null) => false,
-        Some(v) => ctx.boolean(v, &format!("{at}.FifoQueue"))?,
-    };
-
-    let redrive = match props.get("RedrivePolicy") {
-        None | Some(Value::Null) => None,
-        Some(policy) => {
-            let rat = format!("{at}.RedrivePolicy");
-            if policy.as_mapping().is_none() {
-                return Err(invalid(
-                    rat,
-                    "only the mapping form {deadLetterTargetArn: !GetAtt Dlq.Arn, maxReceiveCount: N} is supported",
-                ));
-            }
-            let target = policy
-                .get("deadLetterTargetArn")
-                .ok_or_else(|| invalid(format!("{rat}.deadLetterTargetArn"), "missing"))?;
-            let dead_letter_queue = match intrinsic(target) {
-                Some(Intrinsic::GetAtt(queue, attr)) if attr == "Arn" => queue,
-                _ => {
-                    return Err(invalid(
-                        format!("{rat}.deadLetterTargetArn"),
-                        format!(
-                            "{} is not a !GetAtt of a queue of this template's Arn",
-                            describe(target)
-                        ),
-                    ))
-                }
-            };
-            let max_receive_count = ctx.number(
-                policy
-                    .get("maxReceiveCount")
-                    .ok_or_else(|| invalid(format!("{rat}.maxReceiveCount"), "missing"))?,
-                &format!("{rat}.maxReceiveCount"),
-            )?;
-            Some(Redrive {
-                dead_letter_queue,
-                max_receive_count,
-            })
-        }
-    };
-
-    Ok(QueueSpec {
-        logical_id: id.to_string(),
-        visibility_timeout,
-        message_retention_period,
-        redrive,
-        fifo,
-    })
-}
-
-// ------------------------------------------------------------------------------------------
-// Functions
-// ------------------------------------------------------------------------------------------
-
-fn parse_env_value(v: &Value, at: &str) -> Result<EnvValue, TemplateError> {
-    if let Some(s) = plain_scalar(v) {
-        return Ok(EnvValue::Literal(s));
     }
-    match intrinsic(v) {
-        Some(Intrinsic::Ref(target)) => Ok(EnvValue::Ref(target)),
-        Some(Intrinsic::GetAtt(id, attr)) => Ok(EnvValue::GetAtt(id, attr)),
-        Some(Intrinsic::Sub(s)) => Ok(EnvValue::Sub(s)),
-        Some(Intrinsic::Other(_)) => Ok(EnvValue::Unsupported(describe(v))),
-        None => Err(invalid(at, format!("{} is not a value", describe(v)))),
-    }
-}
-
-fn environment_of(
-    source: Option<&Value>,
-    at: &str,
-    into: &mut BTreeMap<String, EnvValue>,
-) -> Result<(), TemplateError> {
-    let Some(variables) = source
-        .and_then(|s| s.get("Environment"))
-        .and_then(|e| e.get("Variables"))
-    else {
-        return Ok(());
-    };
-    let variables = variables
-        .as_mapping()
-        .ok_or_else(|| invalid(format!("{at}.Environment.Variables"), "not a mapping"))?;
-    for (name, value) in variables {
-        let name = key_str(name, at)?;
-        let vat = format!("{at}.Environment.Variables.{name}");
-        into.insert(name.to_string(), parse_env_value(value, &vat)?);
-    }
-    Ok(())
 }
 
 fn parse_rate(expression: &str) -> Result<Option<Duration>, String> {
@@ -898,272 +1516,6 @@ fn parse_rate(expression: &str) -> Result<Option<Duration>, String> {
         other => return Err(format!("{expression:?}: unknown unit {other:?}")),
     };
     Ok(Some(Duration::from_secs(n * seconds)))
-}
-
-fn parse_function(
-    id: &str,
-    resource: &Value,
-    globals: Option<&Mapping>,
-    ctx: &Ctx,
-    queue_ids: &BTreeSet<&str>,
-) -> Result<FunctionSpec, TemplateError> {
-    let at = format!("Resources.{id}.Properties");
-    let empty = Value::Mapping(Mapping::new());
-    let props = resource.get("Properties").unwrap_or(&empty);
-    let globals_value = globals.map(|g| Value::Mapping(g.clone()));
-    let globals_value = globals_value.as_ref();
-
-    // A property from the function, else from Globals.Function.
-    let merged = |key: &str| -> Option<(&Value, String)> {
-        props
-            .get(key)
-            .map(|v| (v, format!("{at}.{key}")))
-            .or_else(|| {
-                globals_value
-                    .and_then(|g| g.get(key))
-                    .map(|v| (v, format!("Globals.Function.{key}")))
-            })
-    };
-
-    let binary = resource
-        .get("Metadata")
-        .and_then(|m| m.get("BuildProperties"))
-        .and_then(|b| b.get("Binary"))
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            invalid(
-                format!("Resources.{id}.Metadata.BuildProperties.Binary"),
-                "missing: the local runner needs to know which binary this function is",
-            )
-        })?
-        .to_string();
-
-    let runtime = merged("Runtime")
-        .map(|(v, at)| ctx.scalar(v, &at))
-        .transpose()?;
-    let architectures = match merged("Architectures") {
-        None => Vec::new(),
-        Some((v, aat)) => v
-            .as_sequence()
-            .ok_or_else(|| invalid(&aat, "not a list"))?
-            .iter()
-            .map(|a| ctx.scalar(a, &aat))
-            .collect::<Result<_, _>>()?,
-    };
-    let timeout_seconds = match merged("Timeout") {
-        None => DEFAULT_TIMEOUT_SECONDS,
-        Some((v, at)) => ctx.number(v, &at)?,
-    };
-    let memory_mb = match merged("MemorySize") {
-        None => DEFAULT_MEMORY_MB,
-        Some((v, at)) => ctx.number(v, &at)?,
-    };
-
-    let mut environment = BTreeMap::new();
-    environment_of(globals_value, "Globals.Function", &mut environment)?;
-    environment_of(Some(props), &at, &mut environment)?;
-
-    let mut sqs_events = Vec::new();
-    let mut schedules = Vec::new();
-    let mut http_routes = Vec::new();
-    let mut other_events = Vec::new();
-    if let Some(events) = props.get("Events") {
-        let events = events
-            .as_mapping()
-            .ok_or_else(|| invalid(format!("{at}.Events"), "not a mapping"))?;
-        for (name, event) in events {
-            let name = key_str(name, &format!("{at}.Events"))?;
-            let eat = format!("{at}.Events.{name}");
-            let ty = event
-                .get("Type")
-                .and_then(Value::as_str)
-                .ok_or_else(|| invalid(format!("{eat}.Type"), "missing"))?;
-            let eprops = event.get("Properties").unwrap_or(&empty);
-            let pat = format!("{eat}.Properties");
-            match ty {
-                "SQS" => sqs_events.push(parse_sqs_event(name, eprops, &pat, ctx, queue_ids)?),
-                "Schedule" | "ScheduleV2" => {
-                    schedules.push(parse_schedule(name, ty, eprops, &pat, ctx)?)
-                }
-                "HttpApi" | "Api" => {
-                    let method = eprops.get("Method").map(|v| ctx.scalar(v, &pat));
-                    let path = eprops.get("Path").map(|v| ctx.scalar(v, &pat));
-                    match (method, path) {
-                        (Some(method), Some(path)) => {
-                            http_routes.push((method?.to_ascii_uppercase(), path?))
-                        }
-                        // An HttpApi event without Method/Path is the catch-all route.
-                        (None, None) if ty == "HttpApi" => {
-                            http_routes.push(("ANY".to_string(), "$default".to_string()))
-                        }
-                        _ => return Err(invalid(pat, "needs both Method and Path")),
-                    }
-                }
-                other => other_events.push((name.to_string(), other.to_string())),
-            }
-        }
-    }
-
-    Ok(FunctionSpec {
-        logical_id: id.to_string(),
-        binary,
-        runtime,
-        architectures,
-        timeout_seconds,
-        memory_mb,
-        environment,
-        sqs_events,
-        schedules,
-        http_routes,
-        other_events,
-    })
-}
-
-fn parse_sqs_event(
-    name: &str,
-    props: &Value,
-    at: &str,
-    ctx: &Ctx,
-    queue_ids: &BTreeSet<&str>,
-) -> Result<SqsEventSpec, TemplateError> {
-    let queue_value = props
-        .get("Queue")
-        .ok_or_else(|| invalid(format!("{at}.Queue"), "missing"))?;
-    let queue = match intrinsic(queue_value) {
-        Some(Intrinsic::GetAtt(queue, attr)) if attr == "Arn" => queue,
-        _ => {
-            return Err(invalid(
-                format!("{at}.Queue"),
-                format!(
-                    "{} is not !GetAtt Queue.Arn of a queue of this template",
-                    describe(queue_value)
-                ),
-            ))
-        }
-    };
-    if !queue_ids.contains(queue.as_str()) {
-        return Err(invalid(
-            format!("{at}.Queue"),
-            format!("{queue} is not an AWS::SQS::Queue of this template"),
-        ));
-    }
-
-    let batch_size = ctx
-        .optional_number(props, "BatchSize", at)?
-        .unwrap_or(DEFAULT_SQS_BATCH_SIZE);
-    if !(1..=10_000).contains(&batch_size) {
-        return Err(invalid(
-            format!("{at}.BatchSize"),
-            format!("{batch_size} is outside 1..=10000"),
-        ));
-    }
-    let batching_window_seconds = ctx
-        .optional_number(props, "MaximumBatchingWindowInSeconds", at)?
-        .unwrap_or(DEFAULT_SQS_BATCHING_WINDOW_SECONDS);
-    if batching_window_seconds > 300 {
-        return Err(invalid(
-            format!("{at}.MaximumBatchingWindowInSeconds"),
-            format!("{batching_window_seconds} is over 300"),
-        ));
-    }
-
-    // cfn-lint does not check these values, so the runner does: a misspelt value would make
-    // Lambda ignore the batch item failures that every handler reports.
-    let mut report_batch_item_failures = false;
-    if let Some(types) = props.get("FunctionResponseTypes") {
-        let tat = format!("{at}.FunctionResponseTypes");
-        let types = types
-            .as_sequence()
-            .ok_or_else(|| invalid(&tat, "not a list"))?;
-        for t in types {
-            match ctx.scalar(t, &tat)?.as_str() {
-                "ReportBatchItemFailures" => report_batch_item_failures = true,
-                other => {
-                    return Err(invalid(
-                        &tat,
-                        format!(
-                            "{other:?} is not a FunctionResponseType (ReportBatchItemFailures)"
-                        ),
-                    ))
-                }
-            }
-        }
-    }
-
-    let maximum_concurrency = match props.get("ScalingConfig") {
-        None | Some(Value::Null) => None,
-        Some(scaling) => {
-            let value: Option<u32> = ctx.optional_number(
-                scaling,
-                "MaximumConcurrency",
-                &format!("{at}.ScalingConfig"),
-            )?;
-            if let Some(v) = value {
-                if !(2..=1000).contains(&v) {
-                    return Err(invalid(
-                        format!("{at}.ScalingConfig.MaximumConcurrency"),
-                        format!("{v} is outside 2..=1000"),
-                    ));
-                }
-            }
-            value
-        }
-    };
-
-    let enabled = match props.get("Enabled") {
-        None | Some(Value::Null) => true,
-        Some(v) => ctx.boolean(v, &format!("{at}.Enabled"))?,
-    };
-
-    Ok(SqsEventSpec {
-        name: name.to_string(),
-        queue,
-        batch_size,
-        batching_window_seconds,
-        report_batch_item_failures,
-        maximum_concurrency,
-        enabled,
-    })
-}
-
-fn parse_schedule(
-    name: &str,
-    ty: &str,
-    props: &Value,
-    at: &str,
-    ctx: &Ctx,
-) -> Result<ScheduleSpec, TemplateError> {
-    let key = if ty == "ScheduleV2" {
-        "ScheduleExpression"
-    } else {
-        "Schedule"
-    };
-    let sat = format!("{at}.{key}");
-    let expression = ctx.scalar(
-        props.get(key).ok_or_else(|| invalid(&sat, "missing"))?,
-        &sat,
-    )?;
-    let every = parse_rate(&expression).map_err(|m| invalid(&sat, m))?;
-    let enabled = match (props.get("Enabled"), props.get("State")) {
-        (Some(v), _) if !v.is_null() => ctx.boolean(v, &format!("{at}.Enabled"))?,
-        (_, Some(v)) if !v.is_null() => match ctx.scalar(v, &format!("{at}.State"))?.as_str() {
-            "ENABLED" => true,
-            "DISABLED" => false,
-            other => {
-                return Err(invalid(
-                    format!("{at}.State"),
-                    format!("{other:?} is not ENABLED or DISABLED"),
-                ))
-            }
-        },
-        _ => true,
-    };
-    Ok(ScheduleSpec {
-        name: name.to_string(),
-        expression,
-        every,
-        enabled,
-    })
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1505,6 +1857,11 @@ mod tests {
         assert_eq!(payment["COORDINATOR_QUEUE_URL"], url("CoordinatorQueue"));
         assert_eq!(payment["PAYMENT_FAILURE_RATE"], "0.1");
         assert_eq!(payment.len(), 5);
+        // A `!Ref` to a parameter reads as the parameter's value.
+        assert_eq!(
+            t.function("PaymentFunction").unwrap().environment["PAYMENT_FAILURE_RATE"],
+            EnvValue::Literal("0.1".into())
+        );
 
         let coordinator = env("CoordinatorFunction");
         assert_eq!(coordinator["ORDERS_TABLE"], table("OrdersTable"));
@@ -1525,6 +1882,144 @@ mod tests {
             .gsis
             .iter()
             .any(|g| g.name == sweeper["ORDERS_PENDING_INDEX"]));
+    }
+
+    #[test]
+    fn when_reading_the_real_template_should_link_each_function_to_its_own_role() {
+        let t = real_template();
+        assert_eq!(t.roles.len(), FUNCTIONS.len());
+        for (id, binary) in FUNCTIONS {
+            let f = t.function(id).unwrap();
+            let prefix = id.strip_suffix("Function").unwrap();
+            let role_id = format!("{prefix}Role");
+            assert_eq!(f.role.as_deref(), Some(role_id.as_str()), "{id}");
+            assert_eq!(f.log_group, Some(format!("{prefix}LogGroup")), "{id}");
+            assert_eq!(f.tracing.as_deref(), Some("Active"), "{id} (from Globals)");
+            assert!(!f.sam_policies, "{id}");
+
+            let role = t.role(&role_id).unwrap();
+            assert_eq!(role.assumed_by, ["lambda.amazonaws.com"], "{role_id}");
+            assert!(role.managed_policy_arns.is_empty(), "{role_id}");
+            assert!(!role.statements.is_empty(), "{role_id}");
+            for s in &role.statements {
+                assert_eq!(s.policy_name, binary, "{role_id}");
+                assert_eq!(s.effect, Effect::Allow, "{role_id}");
+                assert!(s.sid.is_some(), "{role_id}");
+            }
+            // Logs to its own log group; X-Ray on "*".
+            let logs = role
+                .statements
+                .iter()
+                .find(|s| s.sid.as_deref() == Some("Logs"))
+                .unwrap();
+            assert_eq!(
+                logs.resources,
+                [ResourceRef::Arn {
+                    logical_id: format!("{prefix}LogGroup"),
+                    suffix: String::new()
+                }]
+            );
+            let tracing = role
+                .statements
+                .iter()
+                .find(|s| s.sid.as_deref() == Some("Tracing"))
+                .unwrap();
+            assert_eq!(tracing.resources, [ResourceRef::Any]);
+        }
+        assert!(t.role("StockFunction").is_none());
+    }
+
+    #[test]
+    fn when_reading_the_real_template_should_read_each_roles_grants() {
+        let t = real_template();
+        let arn = |id: &str| ResourceRef::Arn {
+            logical_id: id.into(),
+            suffix: String::new(),
+        };
+        let grants = |role: &str, action: &str, resource: &ResourceRef| {
+            t.role(role).unwrap().statements.iter().any(|s| {
+                s.effect == Effect::Allow
+                    && s.actions.iter().any(|a| a == action)
+                    && s.resources.contains(resource)
+            })
+        };
+        assert!(grants(
+            "StockRole",
+            "dynamodb:UpdateItem",
+            &arn("ProductsTable")
+        ));
+        assert!(!grants(
+            "StockRole",
+            "dynamodb:UpdateItem",
+            &arn("OrdersTable")
+        ));
+        assert!(grants(
+            "StockRole",
+            "sqs:ReceiveMessage",
+            &arn("StockQueue")
+        ));
+        assert!(grants(
+            "StockRole",
+            "dynamodb:ConditionCheckItem",
+            &arn("IdempotencyTable")
+        ));
+        // One statement, two queues.
+        assert!(grants(
+            "OrderApiRole",
+            "sqs:SendMessage",
+            &arn("StockQueue")
+        ));
+        assert!(grants(
+            "OrderApiRole",
+            "sqs:SendMessage",
+            &arn("PaymentQueue")
+        ));
+        // !Sub "${OrdersTable.Arn}/index/PendingOrdersIndex"
+        let sweeper = t.role("SweeperRole").unwrap();
+        let query = sweeper
+            .statements
+            .iter()
+            .find(|s| s.sid.as_deref() == Some("PendingOrders"))
+            .unwrap();
+        assert_eq!(query.actions, ["dynamodb:Query"]);
+        assert_eq!(
+            query.resources,
+            [ResourceRef::Arn {
+                logical_id: "OrdersTable".into(),
+                suffix: "/index/PendingOrdersIndex".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn when_reading_the_real_template_should_find_an_alarm_on_each_dead_letter_queue() {
+        let t = real_template();
+        assert_eq!(t.alarms.len(), 6);
+        for dlq in t.dead_letter_queues() {
+            let watched = t.alarms.iter().any(|a| {
+                a.namespace.as_deref() == Some("AWS/SQS")
+                    && a.metric_name.as_deref() == Some("ApproximateNumberOfMessagesVisible")
+                    && a.alarm_actions == ["AlarmTopic"]
+                    && a.dimensions
+                        == [(
+                            "QueueName".to_string(),
+                            DimensionValue::GetAtt {
+                                logical_id: dlq.to_string(),
+                                attribute: "QueueName".into(),
+                            },
+                        )]
+            });
+            assert!(watched, "no alarm on {dlq}");
+        }
+        let age = t
+            .alarms
+            .iter()
+            .find(|a| a.logical_id == "StockQueueAgeAlarm")
+            .unwrap();
+        assert_eq!(
+            age.metric_name.as_deref(),
+            Some("ApproximateAgeOfOldestMessage")
+        );
     }
 
     #[test]
@@ -1653,6 +2148,17 @@ Resources:
         Bucket:
           Type: S3
           Properties: {}
+        Everything:
+          Type: HttpApi
+        Get:
+          Type: Api
+          Properties: {Method: get, Path: /x}
+  Simple:
+    Type: AWS::Serverless::SimpleTable
+  SimpleNumbered:
+    Type: AWS::Serverless::SimpleTable
+    Properties:
+      PrimaryKey: {Name: n, Type: Number}
 "#;
 
     #[test]
@@ -1684,6 +2190,18 @@ Resources:
         assert!(!f.schedules[0].enabled);
         assert_eq!(f.schedules[1].every, Some(Duration::from_secs(300)));
         assert_eq!(f.other_events, vec![("Bucket".into(), "S3".into())]);
+        let routes = [("ANY", "$default"), ("GET", "/x")];
+        assert_eq!(
+            f.http_routes,
+            routes.map(|(m, p)| (m.to_string(), p.to_string()))
+        );
+        for (id, name, attr_type) in [("Simple", "id", "S"), ("SimpleNumbered", "n", "N")] {
+            let key = &t.table(id).unwrap().hash_key;
+            assert_eq!(
+                (key.name.as_str(), key.attr_type.as_str()),
+                (name, attr_type)
+            );
+        }
 
         let names = fake_names(&t);
         let err = f.resolve_environment(&names, &t).unwrap_err();
@@ -1717,15 +2235,346 @@ Resources:
             "            Enabled: false\n        Tick:",
             "            FunctionResponseTypes: [ReportBatchItemFailure]\n        Tick:",
         );
-        let err = Template::from_str(&text).unwrap_err();
-        assert!(err.to_string().contains("ReportBatchItemFailure"), "{err}");
+        let err = Template::from_str(&text).unwrap_err().to_string();
+        assert!(err.contains("ReportBatchItemFailure"), "{err}");
+        let at = "Resources.Fn.Properties.Events.Q.Properties.FunctionResponseTypes";
+        assert!(err.contains(at), "{err}");
     }
 
     #[test]
     fn when_a_redrive_names_an_unknown_queue_should_refuse_the_template() {
         let text = SMALL.replace("[Dlq, Arn]", "[Elsewhere, Arn]");
-        let err = Template::from_str(&text).unwrap_err();
-        assert!(err.to_string().contains("Elsewhere"), "{err}");
+        let err = Template::from_str(&text).unwrap_err().to_string();
+        assert!(err.contains("Elsewhere"), "{err}");
+        let at = "Resources.Work.Properties.RedrivePolicy.deadLetterTargetArn";
+        assert!(err.contains(at), "{err}");
+    }
+
+    /// Each break of SMALL, the path the error names, and what it says.
+    #[test]
+    fn when_a_property_does_not_fit_should_name_its_path() {
+        let cases = [
+            (
+                "VisibilityTimeout: \"45\"",
+                "VisibilityTimeout: soon",
+                "Resources.Work.Properties.VisibilityTimeout",
+                "\"soon\" is not a valid i32",
+            ),
+            (
+                "VisibilityTimeout: \"45\"",
+                "VisibilityTimeout: {a: 1}",
+                "Resources.Work.Properties.VisibilityTimeout",
+                "not a value",
+            ),
+            (
+                "maxReceiveCount: 3",
+                "maxReceiveCount: many",
+                "Resources.Work.Properties.RedrivePolicy.maxReceiveCount",
+                "not a valid i32",
+            ),
+            (
+                "      RedrivePolicy:\n",
+                "      RedrivePolicy: '{}'\n      Was:\n",
+                "Resources.Work.Properties.RedrivePolicy",
+                "the mapping form",
+            ),
+            (
+                "    Timeout: 7",
+                "    Timeout: [7]",
+                "Globals.Function.Timeout",
+                "a list of 1 is not a literal",
+            ),
+            (
+                "AttributeType: N",
+                "AttributeType: X",
+                "Resources.Table.Properties.AttributeDefinitions[1].AttributeType",
+                "unknown variant `X`",
+            ),
+            (
+                "KeyType: RANGE",
+                "KeyType: HASH",
+                "Resources.Table.Properties.KeySchema",
+                "repeated KeyType HASH for sk",
+            ),
+            (
+                "{AttributeName: sk, KeyType: RANGE}",
+                "{AttributeName: zz, KeyType: RANGE}",
+                "Resources.Table.Properties.KeySchema",
+                "zz is not in AttributeDefinitions",
+            ),
+            (
+                "{AttributeName: ttl, Enabled: false}",
+                "{Enabled: true}",
+                "Resources.Table.Properties.TimeToLiveSpecification.AttributeName",
+                "missing",
+            ),
+            (
+                "      TimeToLiveSpecification:",
+                "      LocalSecondaryIndexes: []\n      TimeToLiveSpecification:",
+                "Resources.Table.Properties.LocalSecondaryIndexes",
+                "not supported",
+            ),
+            (
+                "  Dlq:\n    Type: AWS::SQS::Queue",
+                "  Dlq:\n    Typ: AWS::SQS::Queue",
+                "Resources.Dlq",
+                "missing field `Type`",
+            ),
+            (
+                "Binary: fn-bin",
+                "Bin: fn-bin",
+                "Resources.Fn.Metadata.BuildProperties.Binary",
+                "missing",
+            ),
+            (
+                "MemorySize: 256",
+                "MemorySize: !GetAtt Work.Arn",
+                "Resources.Fn.Properties.MemorySize",
+                "!GetAtt Work.Arn is not a literal",
+            ),
+            (
+                "NUMBER: 5",
+                "NUMBER: [5]",
+                "Resources.Fn.Properties.Environment.Variables.NUMBER",
+                "a list is not a value",
+            ),
+            (
+                "[Work, QueueUrl]",
+                "[Work]",
+                "Resources.Fn.Properties.Environment.Variables.LONG_ATT",
+                "[Resource, Attribute]",
+            ),
+            (
+                "Queue: !GetAtt Work.Arn",
+                "Queue: !GetAtt Table.Arn",
+                "Events.Q.Properties.Queue",
+                "Table is not an AWS::SQS::Queue",
+            ),
+            (
+                "Queue: !GetAtt Work.Arn",
+                "Queue: !GetAtt Work.QueueUrl",
+                "Events.Q.Properties.Queue",
+                "is not !GetAtt X.Arn",
+            ),
+            (
+                "Queue: !GetAtt Work.Arn",
+                "Queue: !GetAtt Work.Arn\n            BatchSize: 0",
+                "Events.Q.Properties.BatchSize",
+                "0 is outside 1..=10000",
+            ),
+            (
+                "MaximumBatchingWindowInSeconds: !Ref Window",
+                "MaximumBatchingWindowInSeconds: 301",
+                "Events.Q.Properties.MaximumBatchingWindowInSeconds",
+                "301 is outside 0..=300",
+            ),
+            (
+                "MaximumBatchingWindowInSeconds: !Ref Window",
+                "MaximumBatchingWindowInSeconds: !Ref Rate",
+                "Events.Q.Properties.MaximumBatchingWindowInSeconds",
+                "\"rate(5 minutes)\" is not a valid u32",
+            ),
+            (
+                "Queue: !GetAtt Work.Arn",
+                "Queue: !GetAtt Work.Arn\n            ScalingConfig: {MaximumConcurrency: 1}",
+                "Events.Q.Properties.ScalingConfig.MaximumConcurrency",
+                "1 is outside 2..=1000",
+            ),
+            (
+                "State: DISABLED",
+                "State: OFF",
+                "Events.Tick.Properties.State",
+                "unknown variant `OFF`",
+            ),
+            (
+                "Schedule: !Ref Rate",
+                "Schedule: rate(5 fortnights)",
+                "Events.Poll.Properties.Schedule",
+                "unknown unit \"fortnights\"",
+            ),
+            (
+                "ScheduleExpression: cron(0 12 * * ? *)",
+                "Expression: cron(0 12 * * ? *)",
+                "Events.Tick.Properties.ScheduleExpression",
+                "missing",
+            ),
+            (
+                "{Method: get, Path: /x}",
+                "{Method: get}",
+                "Events.Get.Properties",
+                "needs both Method and Path",
+            ),
+        ];
+        for (find, replace, at, message) in cases {
+            assert!(SMALL.contains(find), "SMALL no longer contains {find:?}");
+            let err = Template::from_str(&SMALL.replacen(find, replace, 1))
+                .map(|_| "no error".to_string())
+                .unwrap_or_else(|e| e.to_string());
+            let at = match at.strip_prefix("Events.") {
+                Some(event) => format!("Resources.Fn.Properties.Events.{event}"),
+                None => at.to_string(),
+            };
+            assert!(
+                err.contains(&format!("template {at}: ")),
+                "{replace}: {err}"
+            );
+            assert!(err.contains(message), "{replace}: {err}");
+        }
+        assert!(matches!(
+            Template::from_str("Resources: ["),
+            Err(TemplateError::Yaml(_))
+        ));
+    }
+
+    const ROLES: &str = r#"
+Resources:
+  Table:
+    Type: AWS::DynamoDB::Table
+    Properties:
+      AttributeDefinitions: [{AttributeName: pk, AttributeType: S}]
+      KeySchema: [{AttributeName: pk, KeyType: HASH}]
+  Topic:
+    Type: AWS::SNS::Topic
+  Role:
+    Type: AWS::IAM::Role
+    Properties:
+      AssumeRolePolicyDocument:
+        Statement:
+          - Effect: Allow
+            Principal: {Service: [lambda.amazonaws.com, edgelambda.amazonaws.com]}
+            Action: sts:AssumeRole
+      ManagedPolicyArns:
+        - arn:aws:iam::aws:policy/ReadOnlyAccess
+      Policies:
+        - PolicyName: inline
+          PolicyDocument:
+            Statement:
+              - Effect: Deny
+                Action: [dynamodb:DeleteItem, dynamodb:PutItem]
+                Resource:
+                  - {"Fn::GetAtt": [Table, Arn]}
+                  - {"Fn::Sub": "${Table.Arn}/stream/*"}
+                  - arn:aws:s3:::bucket/*
+  Extra:
+    Type: AWS::IAM::Policy
+    Properties:
+      PolicyName: extra
+      Roles: [!Ref Role]
+      PolicyDocument:
+        Statement:
+          - Sid: Everything
+            Effect: Allow
+            Action: dynamodb:GetItem
+            Resource: "*"
+  Alarm:
+    Type: AWS::CloudWatch::Alarm
+    Properties:
+      Namespace: Custom
+      Dimensions:
+        - {Name: Table, Value: !Ref Table}
+        - {Name: Fixed, Value: x}
+      AlarmActions: [!Ref Topic, "arn:aws:sns:us-east-1:1:t"]
+  Fn:
+    Type: AWS::Serverless::Function
+    Metadata: {BuildProperties: {Binary: fn}}
+    Properties:
+      Role: !GetAtt Role.Arn
+      Tracing: PassThrough
+      Policies: [AWSLambdaBasicExecutionRole]
+"#;
+
+    #[test]
+    fn when_reading_roles_policies_and_alarms_should_accept_both_forms_and_attached_policies() {
+        let t = Template::from_str(ROLES).unwrap();
+        let role = t.role("Role").unwrap();
+        assert_eq!(
+            role.assumed_by,
+            ["lambda.amazonaws.com", "edgelambda.amazonaws.com"]
+        );
+        assert_eq!(
+            role.managed_policy_arns,
+            ["arn:aws:iam::aws:policy/ReadOnlyAccess"]
+        );
+        assert_eq!(
+            role.statements,
+            vec![
+                PolicyStatement {
+                    policy_name: "inline".into(),
+                    sid: None,
+                    effect: Effect::Deny,
+                    actions: vec!["dynamodb:DeleteItem".into(), "dynamodb:PutItem".into()],
+                    resources: vec![
+                        ResourceRef::Arn {
+                            logical_id: "Table".into(),
+                            suffix: String::new()
+                        },
+                        ResourceRef::Arn {
+                            logical_id: "Table".into(),
+                            suffix: "/stream/*".into()
+                        },
+                        ResourceRef::Literal("arn:aws:s3:::bucket/*".into()),
+                    ],
+                },
+                PolicyStatement {
+                    policy_name: "Extra".into(),
+                    sid: Some("Everything".into()),
+                    effect: Effect::Allow,
+                    actions: vec!["dynamodb:GetItem".into()],
+                    resources: vec![ResourceRef::Any],
+                },
+            ]
+        );
+        let alarm = &t.alarms[0];
+        assert_eq!(alarm.namespace.as_deref(), Some("Custom"));
+        assert_eq!(alarm.metric_name, None);
+        assert_eq!(
+            alarm.dimensions,
+            vec![
+                ("Table".to_string(), DimensionValue::Ref("Table".into())),
+                ("Fixed".to_string(), DimensionValue::Literal("x".into())),
+            ]
+        );
+        assert_eq!(alarm.alarm_actions, ["Topic", "arn:aws:sns:us-east-1:1:t"]);
+        let f = t.function("Fn").unwrap();
+        assert_eq!(f.role.as_deref(), Some("Role"));
+        assert_eq!(f.tracing.as_deref(), Some("PassThrough"));
+        assert_eq!(f.log_group, None);
+        assert!(f.sam_policies);
+    }
+
+    #[test]
+    fn when_a_role_or_statement_is_not_understood_should_refuse_it_naming_where() {
+        for (find, replace, expected) in [
+            (
+                "Role: !GetAtt Role.Arn",
+                "Role: !GetAtt Table.Arn",
+                "Resources.Fn.Properties.Role",
+            ),
+            (
+                "Action: dynamodb:GetItem",
+                "NotAction: dynamodb:GetItem",
+                "Resources.Extra.Properties.PolicyDocument.Statement[0].NotAction",
+            ),
+            (
+                "Resource: \"*\"",
+                "Resource: !Ref Table",
+                "Resources.Extra.Properties.PolicyDocument.Statement[0].Resource",
+            ),
+            (
+                "${Table.Arn}/stream/*",
+                "${Elsewhere.Arn}/stream/*",
+                "Resources.Role.Properties.Policies[0].PolicyDocument.Statement[0].Resource",
+            ),
+            (
+                "Roles: [!Ref Role]",
+                "Roles: [!Ref Table]",
+                "Resources.Extra.Properties.Roles",
+            ),
+        ] {
+            assert!(ROLES.contains(find), "{find}");
+            let err = Template::from_str(&ROLES.replace(find, replace)).unwrap_err();
+            assert!(err.to_string().contains(expected), "{replace}: {err}");
+        }
     }
 
     #[test]
