@@ -26,6 +26,17 @@ pub mod templates;
 pub use local_runner;
 pub use saga_core;
 
+/// A request as API Gateway hands it to the order API: with the route key it matched (the
+/// handler routes on it, as behind the real gateway).
+pub fn via_gateway(req: lambda_http::Request, route_key: &str) -> lambda_http::Request {
+    let mut gw = lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
+    gw.route_key = Some(route_key.into());
+    lambda_http::RequestExt::with_request_context(
+        req,
+        lambda_http::request::RequestContext::ApiGatewayV2(gw),
+    )
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }

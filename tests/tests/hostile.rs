@@ -1059,12 +1059,7 @@ fn api_request(input: &ApiInput) -> Option<lambda_http::Request> {
     let mut request = builder.body(body).ok()?.with_lambda_context(ctx);
     // What API Gateway adds: the route it matched, and the path parameters it extracted.
     if let Some((route_key, params)) = gateway_route(input.method, &input.path) {
-        let mut gw =
-            lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
-        gw.route_key = Some(route_key);
-        request = request
-            .with_request_context(lambda_http::request::RequestContext::ApiGatewayV2(gw))
-            .with_path_parameters(params);
+        request = saga_tests::via_gateway(request, &route_key).with_path_parameters(params);
     }
     Some(request)
 }

@@ -146,16 +146,6 @@ fn claim_req<'a>(
     }
 }
 
-/// A `POST /orders` request as API Gateway hands it to the function: with its route key.
-fn via_gateway(req: lambda_http::Request) -> lambda_http::Request {
-    let mut gw = lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
-    gw.route_key = Some("POST /orders".into());
-    lambda_http::RequestExt::with_request_context(
-        req,
-        lambda_http::request::RequestContext::ApiGatewayV2(gw),
-    )
-}
-
 fn existing(claim: Claim) -> IdempotencyRecord {
     match claim {
         Claim::Existing(record) => record,
@@ -951,7 +941,10 @@ async fn when_the_api_crashed_after_its_write_should_let_the_retry_finish_the_sa
         .header("idempotency-key", "key-crash-2")
         .body(lambda_http::Body::Text(body.to_string()))
         .unwrap();
-    let req = via_gateway(lambda_http::RequestExt::with_lambda_context(req, ctx));
+    let req = saga_tests::via_gateway(
+        lambda_http::RequestExt::with_lambda_context(req, ctx),
+        "POST /orders",
+    );
     let crashed = crashing.handle(req).await.unwrap();
     assert_eq!(crashed.status(), 500);
     let orders = t.scan("OrdersTable").await;
@@ -1007,9 +1000,10 @@ async fn when_sending_the_saga_messages_failed_should_let_the_next_retry_finish_
         .body(lambda_http::Body::Text(body.to_string()))
         .unwrap();
     let failed = broken
-        .handle(via_gateway(lambda_http::RequestExt::with_lambda_context(
-            req, ctx,
-        )))
+        .handle(saga_tests::via_gateway(
+            lambda_http::RequestExt::with_lambda_context(req, ctx),
+            "POST /orders",
+        ))
         .await
         .unwrap();
     assert_eq!(failed.status(), 503);

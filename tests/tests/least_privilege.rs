@@ -41,8 +41,8 @@ use saga_core::aws::AwsClients;
 use saga_core::config::{OrderApiConfig, PaymentConfig};
 use saga_core::faults::{FaultPoint, Faults};
 use saga_core::handlers::api::ApiHandler;
-use saga_core::handlers::payment::PaymentHandler;
 use saga_core::handlers::batch::SqsHandler;
+use saga_core::handlers::payment::PaymentHandler;
 use saga_core::idempotency::{IdempotencyRecord, Status};
 use saga_core::time::now_ms;
 use saga_tests::templates::{mutated, real_template_text, report};
@@ -436,6 +436,7 @@ async fn post_to(handler: &ApiHandler, body: &Value, key: &str, deadline_ms: i64
         .body(lambda_http::Body::Text(body.to_string()))
         .unwrap();
     let req = lambda_http::RequestExt::with_lambda_context(req, ctx);
+    let req = saga_tests::via_gateway(req, "POST /orders");
     handler.handle(req).await.unwrap().status().as_u16()
 }
 
