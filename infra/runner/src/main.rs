@@ -315,27 +315,20 @@ async fn seed(stack: &Stack) -> Result<(), String> {
         ("p-poster", "Poster", 800, 3),
     ];
     for (id, name, price, quantity) in products {
+        let product = saga_core::domain::Product {
+            product_id: id.into(),
+            name: name.into(),
+            price_cents: price,
+            quantity,
+        };
+        let item = saga_core::adapters::dynamo::to_item(&product).map_err(|e| e.to_string())?;
+        // Only where the product is missing: a restart keeps the stock a previous run left.
         let result = stack
             .clients
             .dynamodb
             .put_item()
             .table_name(stack.table("ProductsTable"))
-            .item(
-                "productId",
-                aws_sdk_dynamodb::types::AttributeValue::S(id.into()),
-            )
-            .item(
-                "name",
-                aws_sdk_dynamodb::types::AttributeValue::S(name.into()),
-            )
-            .item(
-                "priceCents",
-                aws_sdk_dynamodb::types::AttributeValue::N(price.to_string()),
-            )
-            .item(
-                "quantity",
-                aws_sdk_dynamodb::types::AttributeValue::N(quantity.to_string()),
-            )
+            .set_item(Some(item))
             .condition_expression("attribute_not_exists(productId)")
             .send()
             .await;
