@@ -37,6 +37,34 @@ pub fn via_gateway(req: lambda_http::Request, route_key: &str) -> lambda_http::R
     )
 }
 
+/// The catalogue of a load test: `count` products `{prefix}-{i}` with `base + i * step` units.
+pub fn catalogue(prefix: &str, count: i64, base: i64, step: i64) -> Vec<(String, i64)> {
+    (0..count)
+        .map(|i| (format!("{prefix}-{i}"), base + i * step))
+        .collect()
+}
+
+/// A random basket from a catalogue: one or two distinct products, 1 to 3 units of each.
+pub fn random_basket(products: &[(String, i64)]) -> Vec<(String, u64)> {
+    let mut picked: Vec<usize> = (0..products.len()).collect();
+    fastrand::shuffle(&mut picked);
+    picked[..fastrand::usize(1..=2.min(products.len()))]
+        .iter()
+        .map(|&p| (products[p].0.clone(), fastrand::u64(1..=3)))
+        .collect()
+}
+
+/// The body of `POST /orders` for a basket.
+pub fn order_request(customer: &str, basket: &[(String, u64)]) -> Value {
+    json!({
+        "customerId": customer,
+        "items": basket
+            .iter()
+            .map(|(p, q)| json!({"productId": p, "quantity": q}))
+            .collect::<Vec<_>>(),
+    })
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
@@ -177,6 +205,18 @@ impl TestStack {
         h.extend_from_slice(headers);
         let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
         self.raw_request(method, path, &h, bytes).await
+    }
+
+    /// Puts every product of a catalogue (price from its stock); returns the initial stock.
+    pub async fn stock_catalogue(
+        &self,
+        products: &[(String, i64)],
+        price_cents: impl Fn(i64) -> u64,
+    ) -> HashMap<String, i64> {
+        for (id, qty) in products {
+            self.put_product(id, price_cents(*qty), *qty as u64).await;
+        }
+        products.iter().cloned().collect()
     }
 
     pub async fn put_product(&self, id: &str, price_cents: u64, quantity: u64) {

@@ -10,7 +10,6 @@
 //! timed out. The coordinator therefore races timeouts against results, and compensation runs
 //! for whatever was reserved or charged before the timeout won.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -66,25 +65,15 @@ async fn when_5000_messages_wait_for_released_consumers_should_process_all_witho
             .insert("PAYMENT_FAILURE_RATE".into(), "0.1".into());
     })
     .await;
-    let products: Vec<(String, i64)> = (0..5)
-        .map(|i| (format!("p-backlog-{i}"), 300 + i * 100))
-        .collect();
-    for (id, qty) in &products {
-        t.put_product(id, 199, *qty as u64).await;
-    }
-    let initial: HashMap<String, i64> = products.iter().cloned().collect();
+    let products = saga_tests::catalogue("p-backlog", 5, 300, 100);
+    let initial = t.stock_catalogue(&products, |_| 199).await;
 
     // 1,000 orders while the consumers are down: 2,000 commands.
     let started = Instant::now();
     let ids: Vec<String> = futures::stream::iter(0..ORDERS)
         .map(|_| {
             let t = &t;
-            let mut picked: Vec<usize> = (0..products.len()).collect();
-            fastrand::shuffle(&mut picked);
-            let items: Vec<(String, u64)> = picked[..fastrand::usize(1..=2)]
-                .iter()
-                .map(|&p| (products[p].0.clone(), fastrand::u64(1..=3)))
-                .collect();
+            let items = saga_tests::random_basket(&products);
             async move {
                 let items: Vec<(&str, u64)> = items.iter().map(|(p, q)| (p.as_str(), *q)).collect();
                 t.place_ok(&items, None).await

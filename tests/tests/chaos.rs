@@ -9,7 +9,7 @@
 //! pending, before the invariants are checked: a dead-lettered step is a delay, never a
 //! lost or corrupted order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use futures::StreamExt;
 use saga_core::faults::{FaultPoint, Faults};
 use saga_tests::logs::count_logs;
 use saga_tests::{assert_invariants, Pacer, TestStack};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const ORDERS: usize = 300;
 const CONCURRENCY: usize = 30;
@@ -128,26 +128,13 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
             .insert("ORDER_TIMEOUT_SECONDS".into(), ORDER_TIMEOUT_SECONDS.into());
     })
     .await;
-    let products: Vec<(String, i64)> = (0..5)
-        .map(|i| (format!("p-chaos-{i}"), 40 + i * 15))
-        .collect();
-    for (id, qty) in &products {
-        t.put_product(id, 250 + *qty as u64, *qty as u64).await;
-    }
-    let initial: HashMap<String, i64> = products.iter().cloned().collect();
+    let products = saga_tests::catalogue("p-chaos", 5, 40, 15);
+    let initial = t.stock_catalogue(&products, |qty| 250 + qty as u64).await;
 
     let bodies: Vec<Value> = (0..ORDERS)
         .map(|_| {
-            let mut picked: Vec<usize> = (0..products.len()).collect();
-            fastrand::shuffle(&mut picked);
-            let lines = fastrand::usize(1..=2);
-            json!({
-                "customerId": format!("c-{}", fastrand::u32(1..50)),
-                "items": picked[..lines]
-                    .iter()
-                    .map(|&p| json!({"productId": products[p].0, "quantity": fastrand::u64(1..=3)}))
-                    .collect::<Vec<_>>(),
-            })
+            let customer = format!("c-{}", fastrand::u32(1..50));
+            saga_tests::order_request(&customer, &saga_tests::random_basket(&products))
         })
         .collect();
 

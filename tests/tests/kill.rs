@@ -245,9 +245,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     let http = Http::new(port);
     http.wait_ready(&mut runner).await;
 
-    let products: Vec<(String, i64)> = (0..4)
-        .map(|i| (format!("p-kill-{i}"), 20 + i * 10))
-        .collect();
+    let products = saga_tests::catalogue("p-kill", 4, 20, 10);
     for (id, qty) in &products {
         let (status, body) = http
             .call(
@@ -265,17 +263,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     let placement = Arc::new(Placement::default());
     let started = Instant::now();
     let bodies: Vec<Value> = (0..ORDERS)
-        .map(|_| {
-            let mut picked: Vec<usize> = (0..products.len()).collect();
-            fastrand::shuffle(&mut picked);
-            json!({
-                "customerId": "c-kill",
-                "items": picked[..fastrand::usize(1..=2)]
-                    .iter()
-                    .map(|&p| json!({"productId": products[p].0, "quantity": fastrand::u64(1..=3)}))
-                    .collect::<Vec<_>>(),
-            })
-        })
+        .map(|_| saga_tests::order_request("c-kill", &saga_tests::random_basket(&products)))
         .collect();
     let pacer = Pacer::new(&reader, BACKLOG_BOUND);
     let placing = {

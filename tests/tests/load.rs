@@ -1,7 +1,6 @@
 //! Load: 200 concurrent orders of 1 to 3 units over 5 products with scarce stock and a
 //! payment failure rate of 0.2. Afterwards every order is final and the invariants hold.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -20,25 +19,12 @@ async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_ke
             .insert("PAYMENT_FAILURE_RATE".into(), "0.2".into());
     })
     .await;
-    let products: Vec<(String, i64)> = (0..5)
-        .map(|i| (format!("p-load-{i}"), 20 + i * 10))
-        .collect();
-    for (id, qty) in &products {
-        t.put_product(id, 100 + *qty as u64, *qty as u64).await;
-    }
-    let initial: HashMap<String, i64> = products.iter().cloned().collect();
+    let products = saga_tests::catalogue("p-load", 5, 20, 10);
+    let initial = t.stock_catalogue(&products, |qty| 100 + qty as u64).await;
 
     let started = Instant::now();
     let orders: Vec<Vec<(String, u64)>> = (0..200)
-        .map(|_| {
-            let lines = fastrand::usize(1..=2);
-            let mut picked: Vec<usize> = (0..5).collect();
-            fastrand::shuffle(&mut picked);
-            picked[..lines]
-                .iter()
-                .map(|&p| (products[p].0.clone(), fastrand::u64(1..=3)))
-                .collect()
-        })
+        .map(|_| saga_tests::random_basket(&products))
         .collect();
     let pacer = Pacer::new(&t, BACKLOG_BOUND);
     let ids: Vec<String> = futures::stream::iter(orders.iter())
