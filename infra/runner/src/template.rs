@@ -1192,7 +1192,7 @@ impl Template {
         // Policies attached to roles from outside them.
         for (roles, statements, at) in attached {
             for (i, RefTo(role)) in roles.into_iter().enumerate() {
-                let role = t.is_a(&role, "AWS::IAM::Role", &format!("{at}.Roles[{i}]"))?;
+                let role = t.of_type(&role, "AWS::IAM::Role", &format!("{at}.Roles[{i}]"))?;
                 for spec in t.roles.iter_mut().filter(|r| r.logical_id == role) {
                     spec.statements.extend(statements.iter().cloned());
                 }
@@ -1202,8 +1202,8 @@ impl Template {
         Ok(t)
     }
 
-    /// `id` when it is a resource of `resource_type`, else an error at `at`.
-    fn is_a(&self, id: &str, resource_type: &str, at: &str) -> Result<String, TemplateError> {
+    /// `id`, when it names a resource of `resource_type`; else an error at `at`.
+    fn of_type(&self, id: &str, resource_type: &str, at: &str) -> Result<String, TemplateError> {
         match self.resource_types.get(id) {
             Some(ty) if ty == resource_type => Ok(id.to_string()),
             _ => Err(invalid(
@@ -1218,7 +1218,7 @@ impl Template {
         let redrive = match p.redrive_policy {
             None => None,
             Some(r) => Some(Redrive {
-                dead_letter_queue: self.is_a(
+                dead_letter_queue: self.of_type(
                     &r.dead_letter_target_arn.0,
                     "AWS::SQS::Queue",
                     &dlq,
@@ -1280,10 +1280,10 @@ impl Template {
             other_events: Vec::new(),
             role: (own
                 .role
-                .map(|ArnOf(role)| self.is_a(&role, "AWS::IAM::Role", &format!("{at}.Role"))))
+                .map(|ArnOf(role)| self.of_type(&role, "AWS::IAM::Role", &format!("{at}.Role"))))
             .transpose()?,
             log_group: (log_group
-                .map(|(group, lat)| self.is_a(&group, "AWS::Logs::LogGroup", &lat)))
+                .map(|(group, lat)| self.of_type(&group, "AWS::Logs::LogGroup", &lat)))
             .transpose()?,
             tracing: string(own.tracing, &globals.tracing),
             sam_policies: own.policies.is_some(),
@@ -1300,7 +1300,11 @@ impl Template {
                     let p: SqsEventProps = typed(props, &eat)?;
                     spec.sqs_events.push(SqsEventSpec {
                         name: name.to_string(),
-                        queue: self.is_a(&p.queue.0, "AWS::SQS::Queue", &format!("{eat}.Queue"))?,
+                        queue: self.of_type(
+                            &p.queue.0,
+                            "AWS::SQS::Queue",
+                            &format!("{eat}.Queue"),
+                        )?,
                         batch_size: p.batch_size.map_or(DEFAULT_SQS_BATCH_SIZE, |b| b.0),
                         batching_window_seconds: (p.maximum_batching_window_in_seconds)
                             .map_or(DEFAULT_SQS_BATCHING_WINDOW_SECONDS, |w| w.0),
