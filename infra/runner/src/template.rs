@@ -417,7 +417,7 @@ impl FunctionSpec {
 // ------------------------------------------------------------------------------------------
 
 /// An intrinsic function call.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 enum Intrinsic {
     Ref(String),
     GetAtt(String, String),
@@ -466,7 +466,7 @@ impl Intrinsic {
 /// A property as written: a literal (YAML numbers and booleans as their text, so `45` and
 /// `"45"` are the same, as for CloudFormation), an intrinsic function, either as a tag
 /// (`!Ref X`) or in its long form (`{Ref: X}`, `{"Fn::GetAtt": [X, Arn]}`), or a list.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(try_from = "Value")]
 enum Val {
     Lit(String),
@@ -2254,161 +2254,40 @@ Resources:
         assert!(err.contains(at), "{err}");
     }
 
-    /// Each break of SMALL, the path the error names, and what it says.
+    /// Each break of SMALL (find, replace), the path its error names (`Events.` stands for
+    /// the function's), and what the error says.
+    #[rustfmt::skip]
+    const BREAKS: &[(&str, &str, &str, &str)] = &[
+        ("VisibilityTimeout: \"45\"", "VisibilityTimeout: soon", "Resources.Work.Properties.VisibilityTimeout", "\"soon\" is not a valid i32"),
+        ("VisibilityTimeout: \"45\"", "VisibilityTimeout: {a: 1}", "Resources.Work.Properties.VisibilityTimeout", "not a value"),
+        ("maxReceiveCount: 3", "maxReceiveCount: many", "Resources.Work.Properties.RedrivePolicy.maxReceiveCount", "not a valid i32"),
+        ("      RedrivePolicy:\n", "      RedrivePolicy: '{}'\n      Was:\n", "Resources.Work.Properties.RedrivePolicy", "the mapping form"),
+        ("    Timeout: 7", "    Timeout: [7]", "Globals.Function.Timeout", "a list of 1 is not a literal"),
+        ("AttributeType: N", "AttributeType: X", "Resources.Table.Properties.AttributeDefinitions[1].AttributeType", "unknown variant `X`"),
+        ("KeyType: RANGE", "KeyType: HASH", "Resources.Table.Properties.KeySchema", "repeated KeyType HASH for sk"),
+        ("{AttributeName: sk, KeyType: RANGE}", "{AttributeName: zz, KeyType: RANGE}", "Resources.Table.Properties.KeySchema", "zz is not in AttributeDefinitions"),
+        ("{AttributeName: ttl, Enabled: false}", "{Enabled: true}", "Resources.Table.Properties.TimeToLiveSpecification.AttributeName", "missing"),
+        ("      TimeToLiveSpecification:", "      LocalSecondaryIndexes: []\n      TimeToLiveSpecification:", "Resources.Table.Properties.LocalSecondaryIndexes", "not supported"),
+        ("  Dlq:\n    Type: AWS::SQS::Queue", "  Dlq:\n    Typ: AWS::SQS::Queue", "Resources.Dlq", "missing field `Type`"),
+        ("Binary: fn-bin", "Bin: fn-bin", "Resources.Fn.Metadata.BuildProperties.Binary", "missing"),
+        ("MemorySize: 256", "MemorySize: !GetAtt Work.Arn", "Resources.Fn.Properties.MemorySize", "!GetAtt Work.Arn is not a literal"),
+        ("NUMBER: 5", "NUMBER: [5]", "Resources.Fn.Properties.Environment.Variables.NUMBER", "a list is not a value"),
+        ("[Work, QueueUrl]", "[Work]", "Resources.Fn.Properties.Environment.Variables.LONG_ATT", "[Resource, Attribute]"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Table.Arn", "Events.Q.Properties.Queue", "Table is not an AWS::SQS::Queue"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Work.QueueUrl", "Events.Q.Properties.Queue", "is not !GetAtt X.Arn"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Work.Arn\n            BatchSize: 0", "Events.Q.Properties.BatchSize", "0 is outside 1..=10000"),
+        ("MaximumBatchingWindowInSeconds: !Ref Window", "MaximumBatchingWindowInSeconds: 301", "Events.Q.Properties.MaximumBatchingWindowInSeconds", "301 is outside 0..=300"),
+        ("MaximumBatchingWindowInSeconds: !Ref Window", "MaximumBatchingWindowInSeconds: !Ref Rate", "Events.Q.Properties.MaximumBatchingWindowInSeconds", "\"rate(5 minutes)\" is not a valid u32"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Work.Arn\n            ScalingConfig: {MaximumConcurrency: 1}", "Events.Q.Properties.ScalingConfig.MaximumConcurrency", "1 is outside 2..=1000"),
+        ("State: DISABLED", "State: OFF", "Events.Tick.Properties.State", "unknown variant `OFF`"),
+        ("Schedule: !Ref Rate", "Schedule: rate(5 fortnights)", "Events.Poll.Properties.Schedule", "unknown unit \"fortnights\""),
+        ("ScheduleExpression: cron(0 12 * * ? *)", "Expression: cron(0 12 * * ? *)", "Events.Tick.Properties.ScheduleExpression", "missing"),
+        ("{Method: get, Path: /x}", "{Method: get}", "Events.Get.Properties", "needs both Method and Path"),
+    ];
+
     #[test]
     fn when_a_property_does_not_fit_should_name_its_path() {
-        let cases = [
-            (
-                "VisibilityTimeout: \"45\"",
-                "VisibilityTimeout: soon",
-                "Resources.Work.Properties.VisibilityTimeout",
-                "\"soon\" is not a valid i32",
-            ),
-            (
-                "VisibilityTimeout: \"45\"",
-                "VisibilityTimeout: {a: 1}",
-                "Resources.Work.Properties.VisibilityTimeout",
-                "not a value",
-            ),
-            (
-                "maxReceiveCount: 3",
-                "maxReceiveCount: many",
-                "Resources.Work.Properties.RedrivePolicy.maxReceiveCount",
-                "not a valid i32",
-            ),
-            (
-                "      RedrivePolicy:\n",
-                "      RedrivePolicy: '{}'\n      Was:\n",
-                "Resources.Work.Properties.RedrivePolicy",
-                "the mapping form",
-            ),
-            (
-                "    Timeout: 7",
-                "    Timeout: [7]",
-                "Globals.Function.Timeout",
-                "a list of 1 is not a literal",
-            ),
-            (
-                "AttributeType: N",
-                "AttributeType: X",
-                "Resources.Table.Properties.AttributeDefinitions[1].AttributeType",
-                "unknown variant `X`",
-            ),
-            (
-                "KeyType: RANGE",
-                "KeyType: HASH",
-                "Resources.Table.Properties.KeySchema",
-                "repeated KeyType HASH for sk",
-            ),
-            (
-                "{AttributeName: sk, KeyType: RANGE}",
-                "{AttributeName: zz, KeyType: RANGE}",
-                "Resources.Table.Properties.KeySchema",
-                "zz is not in AttributeDefinitions",
-            ),
-            (
-                "{AttributeName: ttl, Enabled: false}",
-                "{Enabled: true}",
-                "Resources.Table.Properties.TimeToLiveSpecification.AttributeName",
-                "missing",
-            ),
-            (
-                "      TimeToLiveSpecification:",
-                "      LocalSecondaryIndexes: []\n      TimeToLiveSpecification:",
-                "Resources.Table.Properties.LocalSecondaryIndexes",
-                "not supported",
-            ),
-            (
-                "  Dlq:\n    Type: AWS::SQS::Queue",
-                "  Dlq:\n    Typ: AWS::SQS::Queue",
-                "Resources.Dlq",
-                "missing field `Type`",
-            ),
-            (
-                "Binary: fn-bin",
-                "Bin: fn-bin",
-                "Resources.Fn.Metadata.BuildProperties.Binary",
-                "missing",
-            ),
-            (
-                "MemorySize: 256",
-                "MemorySize: !GetAtt Work.Arn",
-                "Resources.Fn.Properties.MemorySize",
-                "!GetAtt Work.Arn is not a literal",
-            ),
-            (
-                "NUMBER: 5",
-                "NUMBER: [5]",
-                "Resources.Fn.Properties.Environment.Variables.NUMBER",
-                "a list is not a value",
-            ),
-            (
-                "[Work, QueueUrl]",
-                "[Work]",
-                "Resources.Fn.Properties.Environment.Variables.LONG_ATT",
-                "[Resource, Attribute]",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Table.Arn",
-                "Events.Q.Properties.Queue",
-                "Table is not an AWS::SQS::Queue",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Work.QueueUrl",
-                "Events.Q.Properties.Queue",
-                "is not !GetAtt X.Arn",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Work.Arn\n            BatchSize: 0",
-                "Events.Q.Properties.BatchSize",
-                "0 is outside 1..=10000",
-            ),
-            (
-                "MaximumBatchingWindowInSeconds: !Ref Window",
-                "MaximumBatchingWindowInSeconds: 301",
-                "Events.Q.Properties.MaximumBatchingWindowInSeconds",
-                "301 is outside 0..=300",
-            ),
-            (
-                "MaximumBatchingWindowInSeconds: !Ref Window",
-                "MaximumBatchingWindowInSeconds: !Ref Rate",
-                "Events.Q.Properties.MaximumBatchingWindowInSeconds",
-                "\"rate(5 minutes)\" is not a valid u32",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Work.Arn\n            ScalingConfig: {MaximumConcurrency: 1}",
-                "Events.Q.Properties.ScalingConfig.MaximumConcurrency",
-                "1 is outside 2..=1000",
-            ),
-            (
-                "State: DISABLED",
-                "State: OFF",
-                "Events.Tick.Properties.State",
-                "unknown variant `OFF`",
-            ),
-            (
-                "Schedule: !Ref Rate",
-                "Schedule: rate(5 fortnights)",
-                "Events.Poll.Properties.Schedule",
-                "unknown unit \"fortnights\"",
-            ),
-            (
-                "ScheduleExpression: cron(0 12 * * ? *)",
-                "Expression: cron(0 12 * * ? *)",
-                "Events.Tick.Properties.ScheduleExpression",
-                "missing",
-            ),
-            (
-                "{Method: get, Path: /x}",
-                "{Method: get}",
-                "Events.Get.Properties",
-                "needs both Method and Path",
-            ),
-        ];
+        let cases = BREAKS.iter().copied();
         for (find, replace, at, message) in cases {
             assert!(SMALL.contains(find), "SMALL no longer contains {find:?}");
             let err = Template::from_str(&SMALL.replacen(find, replace, 1))
