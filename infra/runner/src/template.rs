@@ -417,7 +417,7 @@ impl FunctionSpec {
 // ------------------------------------------------------------------------------------------
 
 /// An intrinsic function call.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 enum Intrinsic {
     Ref(String),
     GetAtt(String, String),
@@ -466,7 +466,7 @@ impl Intrinsic {
 /// A property as written: a literal (YAML numbers and booleans as their text, so `45` and
 /// `"45"` are the same, as for CloudFormation), an intrinsic function, either as a tag
 /// (`!Ref X`) or in its long form (`{Ref: X}`, `{"Fn::GetAtt": [X, Arn]}`), or a list.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(try_from = "Value")]
 enum Val {
     Lit(String),
@@ -1192,7 +1192,7 @@ impl Template {
         // Policies attached to roles from outside them.
         for (roles, statements, at) in attached {
             for (i, RefTo(role)) in roles.into_iter().enumerate() {
-                let role = t.is_a(&role, "AWS::IAM::Role", &format!("{at}.Roles[{i}]"))?;
+                let role = t.of_type(&role, "AWS::IAM::Role", &format!("{at}.Roles[{i}]"))?;
                 for spec in t.roles.iter_mut().filter(|r| r.logical_id == role) {
                     spec.statements.extend(statements.iter().cloned());
                 }
@@ -1202,8 +1202,8 @@ impl Template {
         Ok(t)
     }
 
-    /// `id` when it is a resource of `resource_type`, else an error at `at`.
-    fn is_a(&self, id: &str, resource_type: &str, at: &str) -> Result<String, TemplateError> {
+    /// `id`, when it names a resource of `resource_type`; else an error at `at`.
+    fn of_type(&self, id: &str, resource_type: &str, at: &str) -> Result<String, TemplateError> {
         match self.resource_types.get(id) {
             Some(ty) if ty == resource_type => Ok(id.to_string()),
             _ => Err(invalid(
@@ -1218,7 +1218,7 @@ impl Template {
         let redrive = match p.redrive_policy {
             None => None,
             Some(r) => Some(Redrive {
-                dead_letter_queue: self.is_a(
+                dead_letter_queue: self.of_type(
                     &r.dead_letter_target_arn.0,
                     "AWS::SQS::Queue",
                     &dlq,
@@ -1280,10 +1280,10 @@ impl Template {
             other_events: Vec::new(),
             role: (own
                 .role
-                .map(|ArnOf(role)| self.is_a(&role, "AWS::IAM::Role", &format!("{at}.Role"))))
+                .map(|ArnOf(role)| self.of_type(&role, "AWS::IAM::Role", &format!("{at}.Role"))))
             .transpose()?,
             log_group: (log_group
-                .map(|(group, lat)| self.is_a(&group, "AWS::Logs::LogGroup", &lat)))
+                .map(|(group, lat)| self.of_type(&group, "AWS::Logs::LogGroup", &lat)))
             .transpose()?,
             tracing: string(own.tracing, &globals.tracing),
             sam_policies: own.policies.is_some(),
@@ -1300,7 +1300,11 @@ impl Template {
                     let p: SqsEventProps = typed(props, &eat)?;
                     spec.sqs_events.push(SqsEventSpec {
                         name: name.to_string(),
-                        queue: self.is_a(&p.queue.0, "AWS::SQS::Queue", &format!("{eat}.Queue"))?,
+                        queue: self.of_type(
+                            &p.queue.0,
+                            "AWS::SQS::Queue",
+                            &format!("{eat}.Queue"),
+                        )?,
                         batch_size: p.batch_size.map_or(DEFAULT_SQS_BATCH_SIZE, |b| b.0),
                         batching_window_seconds: (p.maximum_batching_window_in_seconds)
                             .map_or(DEFAULT_SQS_BATCHING_WINDOW_SECONDS, |w| w.0),
@@ -2250,161 +2254,40 @@ Resources:
         assert!(err.contains(at), "{err}");
     }
 
-    /// Each break of SMALL, the path the error names, and what it says.
+    /// Each break of SMALL (find, replace), the path its error names (`Events.` stands for
+    /// the function's), and what the error says.
+    #[rustfmt::skip]
+    const BREAKS: &[(&str, &str, &str, &str)] = &[
+        ("VisibilityTimeout: \"45\"", "VisibilityTimeout: soon", "Resources.Work.Properties.VisibilityTimeout", "\"soon\" is not a valid i32"),
+        ("VisibilityTimeout: \"45\"", "VisibilityTimeout: {a: 1}", "Resources.Work.Properties.VisibilityTimeout", "not a value"),
+        ("maxReceiveCount: 3", "maxReceiveCount: many", "Resources.Work.Properties.RedrivePolicy.maxReceiveCount", "not a valid i32"),
+        ("      RedrivePolicy:\n", "      RedrivePolicy: '{}'\n      Was:\n", "Resources.Work.Properties.RedrivePolicy", "the mapping form"),
+        ("    Timeout: 7", "    Timeout: [7]", "Globals.Function.Timeout", "a list of 1 is not a literal"),
+        ("AttributeType: N", "AttributeType: X", "Resources.Table.Properties.AttributeDefinitions[1].AttributeType", "unknown variant `X`"),
+        ("KeyType: RANGE", "KeyType: HASH", "Resources.Table.Properties.KeySchema", "repeated KeyType HASH for sk"),
+        ("{AttributeName: sk, KeyType: RANGE}", "{AttributeName: zz, KeyType: RANGE}", "Resources.Table.Properties.KeySchema", "zz is not in AttributeDefinitions"),
+        ("{AttributeName: ttl, Enabled: false}", "{Enabled: true}", "Resources.Table.Properties.TimeToLiveSpecification.AttributeName", "missing"),
+        ("      TimeToLiveSpecification:", "      LocalSecondaryIndexes: []\n      TimeToLiveSpecification:", "Resources.Table.Properties.LocalSecondaryIndexes", "not supported"),
+        ("  Dlq:\n    Type: AWS::SQS::Queue", "  Dlq:\n    Typ: AWS::SQS::Queue", "Resources.Dlq", "missing field `Type`"),
+        ("Binary: fn-bin", "Bin: fn-bin", "Resources.Fn.Metadata.BuildProperties.Binary", "missing"),
+        ("MemorySize: 256", "MemorySize: !GetAtt Work.Arn", "Resources.Fn.Properties.MemorySize", "!GetAtt Work.Arn is not a literal"),
+        ("NUMBER: 5", "NUMBER: [5]", "Resources.Fn.Properties.Environment.Variables.NUMBER", "a list is not a value"),
+        ("[Work, QueueUrl]", "[Work]", "Resources.Fn.Properties.Environment.Variables.LONG_ATT", "[Resource, Attribute]"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Table.Arn", "Events.Q.Properties.Queue", "Table is not an AWS::SQS::Queue"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Work.QueueUrl", "Events.Q.Properties.Queue", "is not !GetAtt X.Arn"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Work.Arn\n            BatchSize: 0", "Events.Q.Properties.BatchSize", "0 is outside 1..=10000"),
+        ("MaximumBatchingWindowInSeconds: !Ref Window", "MaximumBatchingWindowInSeconds: 301", "Events.Q.Properties.MaximumBatchingWindowInSeconds", "301 is outside 0..=300"),
+        ("MaximumBatchingWindowInSeconds: !Ref Window", "MaximumBatchingWindowInSeconds: !Ref Rate", "Events.Q.Properties.MaximumBatchingWindowInSeconds", "\"rate(5 minutes)\" is not a valid u32"),
+        ("Queue: !GetAtt Work.Arn", "Queue: !GetAtt Work.Arn\n            ScalingConfig: {MaximumConcurrency: 1}", "Events.Q.Properties.ScalingConfig.MaximumConcurrency", "1 is outside 2..=1000"),
+        ("State: DISABLED", "State: OFF", "Events.Tick.Properties.State", "unknown variant `OFF`"),
+        ("Schedule: !Ref Rate", "Schedule: rate(5 fortnights)", "Events.Poll.Properties.Schedule", "unknown unit \"fortnights\""),
+        ("ScheduleExpression: cron(0 12 * * ? *)", "Expression: cron(0 12 * * ? *)", "Events.Tick.Properties.ScheduleExpression", "missing"),
+        ("{Method: get, Path: /x}", "{Method: get}", "Events.Get.Properties", "needs both Method and Path"),
+    ];
+
     #[test]
     fn when_a_property_does_not_fit_should_name_its_path() {
-        let cases = [
-            (
-                "VisibilityTimeout: \"45\"",
-                "VisibilityTimeout: soon",
-                "Resources.Work.Properties.VisibilityTimeout",
-                "\"soon\" is not a valid i32",
-            ),
-            (
-                "VisibilityTimeout: \"45\"",
-                "VisibilityTimeout: {a: 1}",
-                "Resources.Work.Properties.VisibilityTimeout",
-                "not a value",
-            ),
-            (
-                "maxReceiveCount: 3",
-                "maxReceiveCount: many",
-                "Resources.Work.Properties.RedrivePolicy.maxReceiveCount",
-                "not a valid i32",
-            ),
-            (
-                "      RedrivePolicy:\n",
-                "      RedrivePolicy: '{}'\n      Was:\n",
-                "Resources.Work.Properties.RedrivePolicy",
-                "the mapping form",
-            ),
-            (
-                "    Timeout: 7",
-                "    Timeout: [7]",
-                "Globals.Function.Timeout",
-                "a list of 1 is not a literal",
-            ),
-            (
-                "AttributeType: N",
-                "AttributeType: X",
-                "Resources.Table.Properties.AttributeDefinitions[1].AttributeType",
-                "unknown variant `X`",
-            ),
-            (
-                "KeyType: RANGE",
-                "KeyType: HASH",
-                "Resources.Table.Properties.KeySchema",
-                "repeated KeyType HASH for sk",
-            ),
-            (
-                "{AttributeName: sk, KeyType: RANGE}",
-                "{AttributeName: zz, KeyType: RANGE}",
-                "Resources.Table.Properties.KeySchema",
-                "zz is not in AttributeDefinitions",
-            ),
-            (
-                "{AttributeName: ttl, Enabled: false}",
-                "{Enabled: true}",
-                "Resources.Table.Properties.TimeToLiveSpecification.AttributeName",
-                "missing",
-            ),
-            (
-                "      TimeToLiveSpecification:",
-                "      LocalSecondaryIndexes: []\n      TimeToLiveSpecification:",
-                "Resources.Table.Properties.LocalSecondaryIndexes",
-                "not supported",
-            ),
-            (
-                "  Dlq:\n    Type: AWS::SQS::Queue",
-                "  Dlq:\n    Typ: AWS::SQS::Queue",
-                "Resources.Dlq",
-                "missing field `Type`",
-            ),
-            (
-                "Binary: fn-bin",
-                "Bin: fn-bin",
-                "Resources.Fn.Metadata.BuildProperties.Binary",
-                "missing",
-            ),
-            (
-                "MemorySize: 256",
-                "MemorySize: !GetAtt Work.Arn",
-                "Resources.Fn.Properties.MemorySize",
-                "!GetAtt Work.Arn is not a literal",
-            ),
-            (
-                "NUMBER: 5",
-                "NUMBER: [5]",
-                "Resources.Fn.Properties.Environment.Variables.NUMBER",
-                "a list is not a value",
-            ),
-            (
-                "[Work, QueueUrl]",
-                "[Work]",
-                "Resources.Fn.Properties.Environment.Variables.LONG_ATT",
-                "[Resource, Attribute]",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Table.Arn",
-                "Events.Q.Properties.Queue",
-                "Table is not an AWS::SQS::Queue",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Work.QueueUrl",
-                "Events.Q.Properties.Queue",
-                "is not !GetAtt X.Arn",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Work.Arn\n            BatchSize: 0",
-                "Events.Q.Properties.BatchSize",
-                "0 is outside 1..=10000",
-            ),
-            (
-                "MaximumBatchingWindowInSeconds: !Ref Window",
-                "MaximumBatchingWindowInSeconds: 301",
-                "Events.Q.Properties.MaximumBatchingWindowInSeconds",
-                "301 is outside 0..=300",
-            ),
-            (
-                "MaximumBatchingWindowInSeconds: !Ref Window",
-                "MaximumBatchingWindowInSeconds: !Ref Rate",
-                "Events.Q.Properties.MaximumBatchingWindowInSeconds",
-                "\"rate(5 minutes)\" is not a valid u32",
-            ),
-            (
-                "Queue: !GetAtt Work.Arn",
-                "Queue: !GetAtt Work.Arn\n            ScalingConfig: {MaximumConcurrency: 1}",
-                "Events.Q.Properties.ScalingConfig.MaximumConcurrency",
-                "1 is outside 2..=1000",
-            ),
-            (
-                "State: DISABLED",
-                "State: OFF",
-                "Events.Tick.Properties.State",
-                "unknown variant `OFF`",
-            ),
-            (
-                "Schedule: !Ref Rate",
-                "Schedule: rate(5 fortnights)",
-                "Events.Poll.Properties.Schedule",
-                "unknown unit \"fortnights\"",
-            ),
-            (
-                "ScheduleExpression: cron(0 12 * * ? *)",
-                "Expression: cron(0 12 * * ? *)",
-                "Events.Tick.Properties.ScheduleExpression",
-                "missing",
-            ),
-            (
-                "{Method: get, Path: /x}",
-                "{Method: get}",
-                "Events.Get.Properties",
-                "needs both Method and Path",
-            ),
-        ];
+        let cases = BREAKS.iter().copied();
         for (find, replace, at, message) in cases {
             assert!(SMALL.contains(find), "SMALL no longer contains {find:?}");
             let err = Template::from_str(&SMALL.replacen(find, replace, 1))
