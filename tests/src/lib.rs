@@ -29,7 +29,7 @@ pub use saga_core;
 /// A request as API Gateway hands it to the order API: with the route key it matched (the
 /// handler routes on it, as behind the real gateway).
 pub fn via_gateway(req: lambda_http::Request, route_key: &str) -> lambda_http::Request {
-    let mut gw = lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
+    let mut gw = aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
     gw.route_key = Some(route_key.into());
     lambda_http::RequestExt::with_request_context(
         req,

@@ -1039,14 +1039,14 @@ fn arb_api_input() -> impl Strategy<Value = ApiInput> {
 }
 
 fn api_request(input: &ApiInput) -> Option<lambda_http::Request> {
-    let mut builder = lambda_http::http::Request::builder()
+    let mut builder = http::Request::builder()
         .method(input.method)
         .uri(&input.path);
     if let Some(ct) = input.content_type {
         builder = builder.header("content-type", ct);
     }
     if let Some(key) = &input.idempotency_key {
-        let value = lambda_http::http::HeaderValue::from_bytes(key).ok()?;
+        let value = http::HeaderValue::from_bytes(key).ok()?;
         builder = builder.header("idempotency-key", value);
     }
     let body = match String::from_utf8(input.body.clone()) {

@@ -934,7 +934,7 @@ async fn when_the_api_crashed_after_its_write_should_let_the_retry_finish_the_sa
     let mut ctx = lambda_runtime::Context::default();
     let deadline = now_ms() + 1_500;
     ctx.deadline = deadline as u64;
-    let req = lambda_http::http::Request::builder()
+    let req = http::Request::builder()
         .method("POST")
         .uri("/orders")
         .header("content-type", "application/json")
@@ -992,7 +992,7 @@ async fn when_sending_the_saga_messages_failed_should_let_the_next_retry_finish_
     let body = order_body("p-i10", 4);
     let mut ctx = lambda_runtime::Context::default();
     ctx.deadline = (now_ms() + 60_000) as u64;
-    let req = lambda_http::http::Request::builder()
+    let req = http::Request::builder()
         .method("POST")
         .uri("/orders")
         .header("content-type", "application/json")
@@ -1104,8 +1104,7 @@ async fn when_the_idempotency_key_is_malformed_should_answer_400_and_write_nothi
         ("obs-text byte", b"key-\xff".to_vec()),
     ];
     for (name, key) in &cases {
-        let value = lambda_http::http::HeaderValue::from_bytes(key)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let value = http::HeaderValue::from_bytes(key).unwrap_or_else(|e| panic!("{name}: {e}"));
         let req = hyper::Request::builder()
             .method("POST")
             .uri(format!("{}/orders", t.base))

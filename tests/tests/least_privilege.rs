@@ -428,7 +428,7 @@ async fn post_with_key(t: &TestStack, body: &Value, key: &str) -> saga_tests::Re
 async fn post_to(handler: &ApiHandler, body: &Value, key: &str, deadline_ms: i64) -> u16 {
     let mut ctx = lambda_runtime::Context::default();
     ctx.deadline = deadline_ms as u64;
-    let req = lambda_http::http::Request::builder()
+    let req = http::Request::builder()
         .method("POST")
         .uri("/orders")
         .header("content-type", "application/json")

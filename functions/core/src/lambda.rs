@@ -44,17 +44,15 @@ pub async fn run_api() -> Result<(), Error> {
     use lambda_http::RequestExt;
     let (handler, metrics) = start::<ApiHandler>()?;
     let handler = &handler;
-    lambda_http::run(lambda_http::service_fn(
-        move |req: lambda_http::Request| async move {
-            let request_id = req
-                .lambda_context_ref()
-                .map(|c| c.request_id.clone())
-                .unwrap_or_default();
-            let response = handler.handle(req).await;
-            telemetry::flush_metrics(metrics, &request_id);
-            response
-        },
-    ))
+    lambda_http::run(service_fn(move |req: lambda_http::Request| async move {
+        let request_id = req
+            .lambda_context_ref()
+            .map(|c| c.request_id.clone())
+            .unwrap_or_default();
+        let response = handler.handle(req).await;
+        telemetry::flush_metrics(metrics, &request_id);
+        response
+    }))
     .await
 }
 

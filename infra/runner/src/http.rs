@@ -282,8 +282,8 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-fn plain(status: u16, body: Value) -> hyper::Response<Full<Bytes>> {
-    hyper::Response::builder()
+fn plain(status: u16, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
         .status(status)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
@@ -295,7 +295,7 @@ async fn handle(
     routes: &Routes,
     function: &HttpFunction,
     function_timeout: &FunctionTimeout,
-) -> hyper::Response<Full<Bytes>> {
+) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
@@ -354,7 +354,7 @@ async fn handle(
         Body::Binary(b) => Bytes::from(b),
         _ => Bytes::new(),
     };
-    let mut out = hyper::Response::from_parts(parts, Full::new(bytes));
+    let mut out = Response::from_parts(parts, Full::new(bytes));
     out.headers_mut().remove(hyper::header::CONTENT_LENGTH);
     out
 }

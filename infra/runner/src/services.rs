@@ -657,6 +657,7 @@ fn spawn(
     // SAFETY: the closure runs in the forked child before exec and only calls setsid(2)
     // (a raw system call through rustix), which is async-signal-safe; it allocates nothing
     // and takes no lock.
+    #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(|| match rustix::process::setsid() {
             Ok(_) => Ok(()),

@@ -43,7 +43,7 @@ pub enum StackError {
     #[error("function {function}: {source}")]
     Config {
         function: String,
-        source: saga_core::config::ConfigError,
+        source: ConfigError,
     },
     #[error("function {0} in the template has a binary the runner does not know")]
     UnknownFunction(String),

@@ -376,7 +376,7 @@ impl Template {
     }
 }
 
-impl std::str::FromStr for Template {
+impl FromStr for Template {
     type Err = TemplateError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {

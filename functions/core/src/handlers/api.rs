@@ -546,8 +546,7 @@ mod tests {
     /// A request as API Gateway hands it over: the matched route key and path parameters.
     fn request(route_key: &str, params: &[(&str, &str)]) -> Request {
         let (method, path) = route_key.split_once(' ').unwrap();
-        let mut ctx =
-            lambda_http::aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
+        let mut ctx = aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
         ctx.route_key = Some(route_key.to_string());
         lambda_http::http::Request::builder()
             .method(method)
