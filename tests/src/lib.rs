@@ -17,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use local_runner::services::{self, ServiceOptions};
 use local_runner::stack::{Stack, StackOptions};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 pub mod logs;

@@ -2,14 +2,14 @@
 //! time-outs and back-offs, for the test's report.
 
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use saga_core::faults::FaultPoint;
 use tracing::field::{Field, Visit};
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 /// What the handlers and the runner reported while the test ran, counted from their logs.
 #[derive(Default, Debug)]

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use saga_core::messages::{PaymentCommand, StockCommand};
 use saga_tests::logs::count_logs;
-use saga_tests::{assert_invariants, TestStack};
-use serde_json::{json, Value};
+use saga_tests::{TestStack, assert_invariants};
+use serde_json::{Value, json};
 
 const ORDERS: usize = 1_000;
 const MESSAGES: i64 = 5_000;
@@ -26,12 +26,14 @@ const STALL_LIMIT: Duration = Duration::from_secs(240);
 /// The commands the API sent for an order, rebuilt from it (to deliver them a second time).
 fn commands(o: &Value) -> [String; 2] {
     let order_id = o["orderId"].as_str().expect("orderId").to_string();
-    let items = serde_json::from_value(json!(o["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .map(|i| json!({"productId": i["productId"], "quantity": i["quantity"]}))
-        .collect::<Vec<_>>()))
+    let items = serde_json::from_value(json!(
+        o["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| json!({"productId": i["productId"], "quantity": i["quantity"]}))
+            .collect::<Vec<_>>()
+    ))
     .expect("stock lines");
     let reserve = StockCommand::ReserveStock {
         order_id: order_id.clone(),
@@ -53,8 +55,8 @@ fn commands(o: &Value) -> [String; 2] {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_5000_messages_wait_for_released_consumers_should_process_all_without_dead_letters_and_keep_every_invariant(
-) {
+async fn when_5000_messages_wait_for_released_consumers_should_process_all_without_dead_letters_and_keep_every_invariant()
+ {
     let logs = count_logs();
     let consumers = ["StockFunction", "PaymentFunction", "CoordinatorFunction"];
     let t = TestStack::start_with(|o| {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use saga_tests::TestStack;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 /// The Lambda binaries, as `cargo build --release -p ...` names them.
@@ -504,9 +504,11 @@ fn every_event_file_is_shaped_as_aws_delivers_it_and_is_tested() {
                 }
                 assert_eq!(v["detail-type"], "Scheduled Event", "{file}");
                 assert_eq!(v["source"], "aws.events", "{file}");
-                assert!(v["resources"][0]
-                    .as_str()
-                    .is_some_and(|r| r.starts_with("arn:aws:events:")));
+                assert!(
+                    v["resources"][0]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("arn:aws:events:"))
+                );
             }
             consumer => {
                 let _: aws_lambda_events::sqs::SqsEvent = serde_json::from_value(v.clone())
@@ -630,8 +632,8 @@ async fn when_the_order_api_binary_gets_its_events_should_answer_each_as_the_api
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_the_stock_binary_gets_its_batches_should_reserve_once_and_fail_only_the_malformed_record(
-) {
+async fn when_the_stock_binary_gets_its_batches_should_reserve_once_and_fail_only_the_malformed_record()
+ {
     let t = TestStack::start_paused().await;
     t.put_product("p-event-1", 1250, 100).await;
     t.put_product("p-event-scarce", 900, 1).await;
@@ -693,8 +695,8 @@ async fn when_the_stock_binary_gets_its_batches_should_reserve_once_and_fail_onl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_the_payment_binary_gets_its_batches_should_charge_once_and_fail_only_the_malformed_record(
-) {
+async fn when_the_payment_binary_gets_its_batches_should_charge_once_and_fail_only_the_malformed_record()
+ {
     let t = TestStack::start_paused().await;
     let mut f = Function::start(&t, "PaymentFunction").await;
 
@@ -743,11 +745,12 @@ async fn when_the_payment_binary_gets_its_batches_should_charge_once_and_fail_on
             json!({"type": "PaymentRefunded", "orderId": "o-event-pay-1", "paymentId": "ch_event0001"})
         ]
     );
-    assert!(t
-        .ledger()
-        .await
-        .iter()
-        .any(|(k, o, _)| k == "REFUND" && o == "o-event-pay-1"));
+    assert!(
+        t.ledger()
+            .await
+            .iter()
+            .any(|(k, o, _)| k == "REFUND" && o == "o-event-pay-1")
+    );
 
     let file = "sqs-payment-batch-with-malformed.json";
     assert_eq!(f.batch(file).await, [malformed_record_id(file)]);
@@ -767,8 +770,8 @@ async fn when_the_payment_binary_gets_its_batches_should_charge_once_and_fail_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_the_coordinator_binary_gets_its_batches_should_move_each_order_on_and_fail_only_the_malformed_record(
-) {
+async fn when_the_coordinator_binary_gets_its_batches_should_move_each_order_on_and_fail_only_the_malformed_record()
+ {
     let t = TestStack::start_paused().await;
     let created = now_ms();
     seed_order(
@@ -880,8 +883,8 @@ async fn when_the_coordinator_binary_gets_its_batches_should_move_each_order_on_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_the_sweeper_binary_gets_its_schedule_should_hand_over_exactly_the_stale_pending_orders(
-) {
+async fn when_the_sweeper_binary_gets_its_schedule_should_hand_over_exactly_the_stale_pending_orders()
+ {
     let t = TestStack::start_paused().await;
     let now = now_ms();
     let hour_ago = now - 3_600_000;

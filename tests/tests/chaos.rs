@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use saga_core::faults::{FaultPoint, Faults};
 use saga_tests::logs::count_logs;
-use saga_tests::{assert_invariants, Pacer, TestStack};
+use saga_tests::{Pacer, TestStack, assert_invariants};
 use serde_json::Value;
 
 const ORDERS: usize = 300;
@@ -112,8 +112,8 @@ async fn place_until_accepted(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose_none_and_keep_every_invariant(
-) {
+async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose_none_and_keep_every_invariant()
+ {
     let logs = count_logs();
     let rate = crash_rate();
     let t = TestStack::start_with(|o| {

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use saga_core::messages::{PaymentCommand, StockCommand};
-use saga_tests::{assert_invariants, repo_root, TestStack};
-use serde_json::{json, Value};
+use saga_tests::{TestStack, assert_invariants, repo_root};
+use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(120);
 
@@ -111,12 +111,14 @@ fn saga_commands(o: &Value) -> (String, String) {
     let id = o["orderId"].as_str().unwrap().to_string();
     let reserve = StockCommand::ReserveStock {
         order_id: id.clone(),
-        items: serde_json::from_value(json!(o["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| json!({"productId": i["productId"], "quantity": i["quantity"]}))
-            .collect::<Vec<_>>()))
+        items: serde_json::from_value(json!(
+            o["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| json!({"productId": i["productId"], "quantity": i["quantity"]}))
+                .collect::<Vec<_>>()
+        ))
         .unwrap(),
     };
     let charge = PaymentCommand::ChargePayment {
@@ -132,8 +134,8 @@ fn saga_commands(o: &Value) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_poison_messages_arrive_should_dead_letter_them_after_five_receives_and_hold_back_no_good_order(
-) {
+async fn when_poison_messages_arrive_should_dead_letter_them_after_five_receives_and_hold_back_no_good_order()
+ {
     let t = TestStack::start().await;
     t.put_product("p-good", 200, 20).await;
     let unknown_order = format!("o-{}", uuid::Uuid::new_v4());

@@ -23,7 +23,7 @@ use saga_core::handlers::{
 };
 use saga_core::messages::{self, PaymentCommand, SagaEvent, StockCommand, StockRejection};
 use saga_tests::{Reply, TestStack};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ---------------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ fn clients(t: &TestStack) -> AwsClients {
     }
 }
 
-fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> {
+fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> + use<> {
     let env = t.stack.environments[function].clone();
     move |k: &str| env.get(k).cloned()
 }
@@ -1505,7 +1505,7 @@ async fn placed_orders(t: &TestStack, n: usize) -> Vec<String> {
 async fn assert_garbage_fails_alone<H, F>(queue: usize, valid: Vec<String>, cases: u32, handle: H)
 where
     H: Fn(LambdaEvent<SqsEvent>) -> F + Sync,
-    F: std::future::Future<
+    F: Future<
         Output = Result<aws_lambda_events::event::sqs::SqsBatchResponse, lambda_runtime::Error>,
     >,
 {

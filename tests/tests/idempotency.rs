@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
 use aws_smithy_types::config_bag::ConfigBag;
 use saga_core::adapters::orders::DynamoOrders;
 use saga_core::aws::AwsClients;
@@ -17,13 +17,13 @@ use saga_core::faults::{FaultPoint, Faults};
 use saga_core::handlers::api::ApiHandler;
 use saga_core::idempotency::dynamo::DynamoIdempotency;
 use saga_core::idempotency::{
-    self, payload_hash, Claim, ClaimRequest, Completed, Existing, Idempotency, IdempotencyRecord,
-    Status, StepKey, API_KEY_TTL,
+    self, API_KEY_TTL, Claim, ClaimRequest, Completed, Existing, Idempotency, IdempotencyRecord,
+    Status, StepKey, payload_hash,
 };
 use saga_core::ports::Orders;
 use saga_core::time::now_ms;
 use saga_tests::{Reply, TestStack};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(120);
 const HOUR_MS: i64 = 3_600_000;
@@ -338,14 +338,16 @@ async fn when_the_holder_is_past_its_deadline_should_be_taken_over_only_when_all
     assert_eq!(taken.in_progress_until_ms, Some(now + 60_000));
 
     // take_over() names the expiry it saw: a stale view loses.
-    assert!(!s
-        .take_over(step("dead#charge"), dead_until, now + 90_000)
-        .await
-        .unwrap());
-    assert!(s
-        .take_over(step("dead#charge"), now + 60_000, now + 90_000)
-        .await
-        .unwrap());
+    assert!(
+        !s.take_over(step("dead#charge"), dead_until, now + 90_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.take_over(step("dead#charge"), now + 60_000, now + 90_000)
+            .await
+            .unwrap()
+    );
     assert_eq!(
         stored(&t, "dead#charge")
             .await
@@ -862,8 +864,8 @@ async fn when_ten_identical_requests_race_with_one_key_should_create_one_order()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_and_finish_the_same_order(
-) {
+async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_and_finish_the_same_order()
+ {
     let t = TestStack::start().await;
     t.put_product("p-i5", 400, 10).await;
     let body = order_body("p-i5", 3);

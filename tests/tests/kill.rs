@@ -8,17 +8,17 @@ use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use saga_tests::{assert_invariants, repo_root, Pacer, TestStack};
-use serde_json::{json, Value};
+use saga_tests::{Pacer, TestStack, assert_invariants, repo_root};
+use serde_json::{Value, json};
 
 const ORDERS: usize = 100;
 const CONCURRENCY: usize = 20;
@@ -219,8 +219,8 @@ fn count_lines(log: &Path, needle: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_order_and_keep_every_invariant(
-) {
+async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_order_and_keep_every_invariant()
+ {
     saga_tests::services().await;
     let bin = saga_tests::saga_local_binary();
     let prefix = format!("k{}-", &uuid::Uuid::new_v4().simple().to_string()[..10]);

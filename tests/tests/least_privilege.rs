@@ -29,10 +29,10 @@ use std::time::Duration;
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::{
     BeforeSerializationInterceptorContextRef, Input,
 };
-use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 use local_runner::access::{Access, AccessRecorder, Resource};
@@ -45,9 +45,9 @@ use saga_core::handlers::batch::SqsHandler;
 use saga_core::handlers::payment::PaymentHandler;
 use saga_core::idempotency::{IdempotencyRecord, Status};
 use saga_core::time::now_ms;
-use saga_tests::templates::{mutated, real_template_text, report};
 use saga_tests::TestStack;
-use serde_json::{json, Value};
+use saga_tests::templates::{mutated, real_template_text, report};
+use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(120);
 
@@ -403,7 +403,7 @@ fn refusing(clients: &AwsClients, refuse: Refuse) -> AwsClients {
     }
 }
 
-fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> {
+fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> + use<> {
     let env = t.stack.environments[function].clone();
     move |k: &str| env.get(k).cloned()
 }
@@ -770,13 +770,17 @@ fn when_driving_every_path_should_record_each_functions_calls() {
     assert!(accesses.keys().any(|a| a.function == "SweeperFunction"
         && a.operation == "SendMessageBatch"
         && a.action == "sqs:SendMessage"));
-    assert!(!used("SweeperFunction")
-        .iter()
-        .any(|(a, _)| a == "dynamodb:Scan"));
+    assert!(
+        !used("SweeperFunction")
+            .iter()
+            .any(|(a, _)| a == "dynamodb:Scan")
+    );
     // Nothing the stock function does deletes.
-    assert!(!used("StockFunction")
-        .iter()
-        .any(|(a, _)| a == "dynamodb:DeleteItem"));
+    assert!(
+        !used("StockFunction")
+            .iter()
+            .any(|(a, _)| a == "dynamodb:DeleteItem")
+    );
     // Every table and queue named is one of the template's.
     for a in accesses.keys() {
         assert!(

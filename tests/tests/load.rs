@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use saga_tests::{assert_invariants, Pacer, TestStack};
+use saga_tests::{Pacer, TestStack, assert_invariants};
 
 /// Placement waits while the work queues hold this many messages (see [`Pacer`]).
 const BACKLOG_BOUND: i64 = 200;

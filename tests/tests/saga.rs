@@ -9,7 +9,7 @@ use saga_core::config::{PaymentConfig, StockConfig};
 use saga_core::faults::{FaultPoint, Faults};
 use saga_core::handlers::batch::SqsHandler;
 use saga_core::handlers::{payment::PaymentHandler, stock::StockHandler};
-use saga_tests::{assert_invariants, TestStack};
+use saga_tests::{TestStack, assert_invariants};
 use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(120);
@@ -60,7 +60,7 @@ fn sqs_event(message_id: &str, body: &serde_json::Value) -> LambdaEvent<SqsEvent
     LambdaEvent::new(event, ctx)
 }
 
-fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> {
+fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> + use<> {
     let env = t.stack.environments[function].clone();
     move |k: &str| env.get(k).cloned()
 }
@@ -195,12 +195,14 @@ async fn when_charge_payment_is_redelivered_or_crashes_mid_call_should_charge_on
         t.drain("CoordinatorQueue").await.is_empty(),
         "nothing published before the crash"
     );
-    assert!(handler
-        .handle(sqs_event("m-5", &charge2))
-        .await
-        .unwrap()
-        .batch_item_failures
-        .is_empty());
+    assert!(
+        handler
+            .handle(sqs_event("m-5", &charge2))
+            .await
+            .unwrap()
+            .batch_item_failures
+            .is_empty()
+    );
     let published = t.drain("CoordinatorQueue").await;
     assert_eq!(published.len(), 1);
     assert!(published[0].contains("PaymentCharged") && published[0].contains(&id2));

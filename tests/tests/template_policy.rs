@@ -317,9 +317,11 @@ fn when_running_the_configuration_loaders_should_find_what_each_function_reads()
     );
     assert!(read("sweeper").contains("ORDERS_PENDING_INDEX"));
     assert!(read("payment").contains("PAYMENT_FAILURE_RATE"));
-    assert!(variables_read("no-such-binary")
-        .unwrap_err()
-        .contains("not one the local runner knows"));
+    assert!(
+        variables_read("no-such-binary")
+            .unwrap_err()
+            .contains("not one the local runner knows")
+    );
 }
 
 fn assert_reported(text: &str, expected: &[&str]) {

@@ -12,7 +12,7 @@ use saga_core::adapters::orders::DynamoOrders;
 use saga_core::messages::SagaEvent;
 use saga_core::ports::{FactUpdate, Orders, Update};
 use saga_core::saga::Fact;
-use saga_tests::{assert_invariants, TestStack};
+use saga_tests::{TestStack, assert_invariants};
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(120);
@@ -89,8 +89,8 @@ fn ledger_count(ledger: &[(String, String, Option<String>)], kind: &str, id: &st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_payment_is_held_back_past_the_timeout_should_cancel_with_timeout_and_refund_the_late_charge(
-) {
+async fn when_payment_is_held_back_past_the_timeout_should_cancel_with_timeout_and_refund_the_late_charge()
+ {
     let t = TestStack::start_with(|o| {
         o.paused = vec!["PaymentFunction".into()];
         short_timeout(o, 2);
@@ -137,8 +137,8 @@ async fn when_payment_is_held_back_past_the_timeout_should_cancel_with_timeout_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_both_steps_succeeded_but_confirmation_is_not_applied_a_sweep_should_confirm_not_cancel(
-) {
+async fn when_both_steps_succeeded_but_confirmation_is_not_applied_a_sweep_should_confirm_not_cancel()
+ {
     let t = TestStack::start_with(|o| {
         o.paused = vec!["CoordinatorFunction".into()];
         short_timeout(o, 2);
@@ -218,8 +218,8 @@ async fn when_both_steps_succeeded_but_confirmation_is_not_applied_a_sweep_shoul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_a_sweep_races_the_results_in_the_coordinator_queue_should_end_either_confirmed_or_fully_compensated(
-) {
+async fn when_a_sweep_races_the_results_in_the_coordinator_queue_should_end_either_confirmed_or_fully_compensated()
+ {
     // The results and the timeout reach the coordinator together, in whatever order its
     // pollers take them: each order ends CONFIRMED, or CANCELLED for TIMEOUT with both of its
     // successful steps compensated once. Never anything in between.
@@ -259,8 +259,8 @@ async fn when_a_sweep_races_the_results_in_the_coordinator_queue_should_end_eith
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn when_the_sweeper_runs_on_its_schedule_should_time_out_a_held_back_order_without_being_called(
-) {
+async fn when_the_sweeper_runs_on_its_schedule_should_time_out_a_held_back_order_without_being_called()
+ {
     let t = TestStack::start_with(|o| {
         o.paused = vec!["StockFunction".into()];
         o.sweep_every = Some(Duration::from_secs(1));

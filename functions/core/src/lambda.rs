@@ -4,16 +4,16 @@
 //! call to one of these.
 
 use aws_lambda_events::event::sqs::SqsEvent;
-use lambda_runtime::{service_fn, Error, LambdaEvent};
+use lambda_runtime::{Error, LambdaEvent, service_fn};
 use serde_json::Value;
 
 use crate::aws::AwsClients;
 use crate::config::process_env;
 use crate::faults::Faults;
+use crate::handlers::Function;
 use crate::handlers::api::ApiHandler;
 use crate::handlers::batch::SqsHandler;
 use crate::handlers::sweeper::SweeperHandler;
-use crate::handlers::Function;
 use crate::telemetry;
 
 type Metrics = &'static metrics_cloudwatch_embedded::Collector;

@@ -99,7 +99,7 @@ pub trait Orders: Send + Sync {
     ) -> impl Future<Output = Result<Claim, CreateError>> + Send;
 
     fn get(&self, order_id: &str)
-        -> impl Future<Output = Result<Option<Order>, StoreError>> + Send;
+    -> impl Future<Output = Result<Option<Order>, StoreError>> + Send;
 
     /// Applies a saga fact as one conditional update (two for a failure that arrives after the
     /// order was already cancelled for another reason).

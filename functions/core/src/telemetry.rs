@@ -8,7 +8,7 @@
 
 use tracing::level_filters::LevelFilter;
 
-use crate::config::{process_env, Lookup};
+use crate::config::{Lookup, process_env};
 
 /// The log level from the environment (see the module documentation).
 pub fn level(lambda_level: Option<&str>, rust_log: Option<&str>) -> LevelFilter {
@@ -49,8 +49,8 @@ pub fn init() {
 /// handlers emit (see [`crate::metrics`]) are written to stdout as one EMF document after each
 /// invocation ([`flush_metrics`]), in namespace `OrderSaga` with the function's name as a
 /// dimension. Without a collector (the local runner, tests) the counters are no-ops.
-pub fn lambda_metrics(
-) -> Result<&'static metrics_cloudwatch_embedded::Collector, lambda_runtime::Error> {
+pub fn lambda_metrics()
+-> Result<&'static metrics_cloudwatch_embedded::Collector, lambda_runtime::Error> {
     let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into());
     metrics_cloudwatch_embedded::Builder::new()
         .cloudwatch_namespace("OrderSaga")

@@ -9,7 +9,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use lambda_http::{Body, Request, RequestExt, Response};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -315,7 +315,7 @@ async fn handle(
             return plain(
                 500,
                 json!({"message": format!("runner could not build the event: {e}")}),
-            )
+            );
         }
     };
     let timeout = function_timeout.current();

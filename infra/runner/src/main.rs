@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use local_runner::services::{self, ServiceOptions};
-use local_runner::stack::{local_clients, Stack, StackOptions};
+use local_runner::stack::{Stack, StackOptions, local_clients};
 use local_runner::template::Template;
 use saga_core::faults::Faults;
 
@@ -375,7 +375,9 @@ fn print_banner(stack: &Stack, rate: f64, dynamodb: &str, sqs: &str) {
     println!("  demo products: p-mug (10 in stock), p-tee (5), p-poster (3)\n");
     println!("Try:");
     println!("  curl -s -X POST {api}/orders -H 'content-type: application/json' \\");
-    println!("       -d '{{\"customerId\":\"c-1\",\"items\":[{{\"productId\":\"p-mug\",\"quantity\":2}}]}}'");
+    println!(
+        "       -d '{{\"customerId\":\"c-1\",\"items\":[{{\"productId\":\"p-mug\",\"quantity\":2}}]}}'"
+    );
     println!("  curl -s {api}/orders/<orderId>");
     println!("  curl -s {api}/products/p-mug\n");
 }

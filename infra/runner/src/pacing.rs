@@ -16,8 +16,8 @@
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How many recent invocation durations a [`FunctionTimeout`] remembers.

@@ -226,7 +226,7 @@ pub async fn delete_prefixed(
                 return Err(ProvisionError::DeleteTable {
                     table: name,
                     source: Box::new(e),
-                })
+                });
             }
         }
     }
@@ -245,7 +245,7 @@ pub async fn delete_prefixed(
                 return Err(ProvisionError::DeleteQueue {
                     queue: name,
                     source: Box::new(e),
-                })
+                });
             }
         }
     }
@@ -543,7 +543,7 @@ async fn ensure_ttl(
                     table: name.to_string(),
                     logical_id: spec.logical_id.clone(),
                     difference: format!("TTL is on attribute {current}, expected {attribute}"),
-                })
+                });
             }
             _ => {}
         }
@@ -787,7 +787,7 @@ async fn ensure_queue(
                     return Err(ProvisionError::CreateQueue {
                         queue: name.to_string(),
                         source: Box::new(e),
-                    })
+                    });
                 }
             }
         }

@@ -78,7 +78,9 @@ pub enum ServiceError {
     )]
     JavaNotFound,
     /// Something that is not the expected service holds the port.
-    #[error("127.0.0.1:{port} is taken by something that is not {service} ({detail}); stop it or choose another port")]
+    #[error(
+        "127.0.0.1:{port} is taken by something that is not {service} ({detail}); stop it or choose another port"
+    )]
     PortInUse {
         service: &'static str,
         port: u16,
@@ -105,9 +107,7 @@ pub enum ServiceError {
         tail: String,
     },
     /// The service did not answer in time (a process this call started is stopped again).
-    #[error(
-        "{service} did not become ready on 127.0.0.1:{port} within {secs} s; log: {log}{tail}"
-    )]
+    #[error("{service} did not become ready on 127.0.0.1:{port} within {secs} s; log: {log}{tail}")]
     Timeout {
         service: &'static str,
         port: u16,
@@ -420,7 +420,7 @@ async fn ensure_one(opts: &ServiceOptions, kind: Kind) -> Result<Option<Started>
                 service: kind.service(),
                 port,
                 detail,
-            })
+            });
         }
     }
     let (mut started, log_start) = spawn(opts, kind, port, &log, &pids)?;

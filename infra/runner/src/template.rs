@@ -454,7 +454,7 @@ impl Intrinsic {
             ("Ref" | "GetAtt", argument) => {
                 return Err(format!(
                     "!{name} of {argument:?}: expected a logical id (.Attribute)"
-                ))
+                ));
             }
             ("Sub", Value::String(text)) => Intrinsic::Sub(text),
             ("Sub", _) => Intrinsic::Other("!Sub with a variable map".into()),
@@ -497,7 +497,7 @@ impl TryFrom<Value> for Val {
                     _ => {
                         return Err(
                             "a mapping other than an intrinsic function is not a value".into()
-                        )
+                        );
                     }
                 }
             }
@@ -1882,10 +1882,12 @@ mod tests {
 
         // The index the sweeper is told to query is one the orders table has.
         let orders = t.table("OrdersTable").unwrap();
-        assert!(orders
-            .gsis
-            .iter()
-            .any(|g| g.name == sweeper["ORDERS_PENDING_INDEX"]));
+        assert!(
+            orders
+                .gsis
+                .iter()
+                .any(|g| g.name == sweeper["ORDERS_PENDING_INDEX"])
+        );
     }
 
     #[test]

@@ -12,9 +12,9 @@ use aws_sdk_dynamodb::types::{
 use serde::Deserialize;
 use std::collections::HashMap;
 
-use super::dynamo::{self, s, to_value, Item, StoreError};
+use super::dynamo::{self, Item, StoreError, s, to_value};
 use crate::domain::{CancelReason, Order, OrderStatus, PaymentStatus, StockStatus};
-use crate::idempotency::dynamo::{existing_from_reason, DynamoIdempotency};
+use crate::idempotency::dynamo::{DynamoIdempotency, existing_from_reason};
 use crate::idempotency::{Claim, ClaimRequest};
 use crate::ports::{CreateError, FactUpdate, Orders, Update};
 use crate::saga::{Requires, Step};

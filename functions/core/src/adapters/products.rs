@@ -4,7 +4,7 @@ use aws_sdk_dynamodb::types::KeysAndAttributes;
 use serde::Deserialize;
 use std::collections::HashMap;
 
-use super::dynamo::{self, s, StoreError};
+use super::dynamo::{self, StoreError, s};
 use crate::domain::Product;
 use crate::ports::Products;
 

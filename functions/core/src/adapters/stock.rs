@@ -12,10 +12,10 @@ use aws_sdk_dynamodb::types::{
     Update,
 };
 
-use super::dynamo::{self, s, StoreError};
+use super::dynamo::{self, StoreError, s};
 use crate::domain::StockLine;
-use crate::idempotency::dynamo::{existing_from_reason, DynamoIdempotency};
 use crate::idempotency::Completed;
+use crate::idempotency::dynamo::{DynamoIdempotency, existing_from_reason};
 use crate::messages::StockRejection;
 use crate::ports::{ReleaseOutcome, ReserveOutcome, Stock};
 

@@ -8,10 +8,10 @@
 //!
 //! Every client mistake is a 4xx with `{"error": {"code", "message"}}` and writes nothing.
 
-use lambda_http::http::{header, HeaderMap, StatusCode};
+use lambda_http::http::{HeaderMap, StatusCode, header};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, Request, RequestExt, Response};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use super::Function;
 use crate::adapters::dynamo::StoreError;

@@ -9,8 +9,8 @@
 
 use aws_lambda_events::event::sqs::SqsMessage;
 
-use super::batch::{RecordError, SqsHandler};
 use super::Function;
+use super::batch::{RecordError, SqsHandler};
 use crate::adapters::orders::DynamoOrders;
 use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
@@ -19,7 +19,7 @@ use crate::domain::Order;
 use crate::faults::{FaultPoint, Faults};
 use crate::messages::{self, PaymentCommand, SagaEvent, StockCommand};
 use crate::ports::{FactUpdate, Orders, Publish, Update};
-use crate::saga::{follow_ups, Fact};
+use crate::saga::{Fact, follow_ups};
 
 pub struct CoordinatorHandler<O = DynamoOrders, P = SqsPublisher> {
     orders: O,
@@ -90,7 +90,7 @@ impl<O: Orders, P: Publish> SqsHandler for CoordinatorHandler<O, P> {
                 }
                 Update::NotApplicable(current) => order = current,
                 Update::NotFound => {
-                    return Err(RecordError::Permanent(format!("order {order_id} vanished")))
+                    return Err(RecordError::Permanent(format!("order {order_id} vanished")));
                 }
             }
         }

@@ -7,8 +7,8 @@
 
 use aws_lambda_events::event::sqs::SqsMessage;
 
-use super::batch::{RecordError, SqsHandler};
 use super::Function;
+use super::batch::{RecordError, SqsHandler};
 use crate::adapters::payment::{ChargeOutcome, ChargeRequest, RefundRequest, SimulatedProvider};
 use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
@@ -17,7 +17,7 @@ use crate::faults::{FaultPoint, Faults};
 use crate::idempotency::dynamo::DynamoIdempotency;
 use crate::idempotency::{self, Claim, ClaimRequest, Idempotency, StepKey};
 use crate::messages::{self, PaymentCommand, SagaEvent};
-use crate::ports::{to_json, PaymentProvider, Publish};
+use crate::ports::{PaymentProvider, Publish, to_json};
 
 pub struct PaymentHandler<I = DynamoIdempotency, V = SimulatedProvider, P = SqsPublisher> {
     idempotency: I,
@@ -275,12 +275,14 @@ mod tests {
         let (h, _, provider, queues) = handler();
         let refund = json!({"type": "RefundPayment", "orderId": "o-1", "paymentId": "ch_0", "amountCents": 1200});
         for _ in 0..2 {
-            assert!(failed(
-                &h.handle(sqs_event(std::slice::from_ref(&refund)))
-                    .await
-                    .unwrap()
-            )
-            .is_empty());
+            assert!(
+                failed(
+                    &h.handle(sqs_event(std::slice::from_ref(&refund)))
+                        .await
+                        .unwrap()
+                )
+                .is_empty()
+            );
         }
         assert_eq!(provider.refunded(), [("o-1#refund".to_string(), 1200)]);
         assert_eq!(queues.sent(COORDINATOR).len(), 2);

@@ -2,8 +2,8 @@
 
 use aws_lambda_events::event::sqs::SqsMessage;
 
-use super::batch::{RecordError, SqsHandler};
 use super::Function;
+use super::batch::{RecordError, SqsHandler};
 use crate::adapters::sqs::SqsPublisher;
 use crate::adapters::stock::DynamoStock;
 use crate::aws::AwsClients;
@@ -13,7 +13,7 @@ use crate::faults::{FaultPoint, Faults};
 use crate::idempotency::dynamo::DynamoIdempotency;
 use crate::idempotency::{self, Claim, Completed, Idempotency, StepKey};
 use crate::messages::{self, SagaEvent, StockCommand, StockRejection};
-use crate::ports::{to_json, Publish, ReleaseOutcome, ReserveOutcome, Stock};
+use crate::ports::{Publish, ReleaseOutcome, ReserveOutcome, Stock, to_json};
 
 pub struct StockHandler<S = DynamoStock, I = DynamoIdempotency, P = SqsPublisher> {
     stock: S,
@@ -277,9 +277,10 @@ mod tests {
         assert_eq!(store.quantity("p-2"), Some(6));
         let sent = queues.sent(COORDINATOR);
         assert_eq!(sent.len(), 2);
-        assert!(sent
-            .iter()
-            .all(|m| m["type"] == "StockReserved" && m["orderId"] == "o-1"));
+        assert!(
+            sent.iter()
+                .all(|m| m["type"] == "StockReserved" && m["orderId"] == "o-1")
+        );
     }
 
     #[tokio::test]

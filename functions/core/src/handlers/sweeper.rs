@@ -5,7 +5,7 @@
 //! succeeded. If a run dies half way, the next run finds the same orders again.
 
 use lambda_runtime::LambdaEvent;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::time::Duration;
 
 use super::Function;

@@ -294,7 +294,7 @@ pub trait Idempotency: Send + Sync {
     /// step's effect was written but what follows failed, and the retry must finish the same
     /// work rather than start new work).
     fn expire_claim(&self, key: StepKey<'_>)
-        -> impl Future<Output = Result<(), StoreError>> + Send;
+    -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use local_runner::counting::{Call, CallCounter};
 use local_runner::services::{self, ServiceOptions};
-use local_runner::stack::{local_clients, Stack, StackOptions};
+use local_runner::stack::{Stack, StackOptions, local_clients};
 
 const COLD_START_BUDGET_MS: f64 = 10.0;
 
@@ -93,7 +93,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn cold_start(runs: usize, binaries: &[String]) -> bool {
     let mut ok = true;
-    println!("cold start: process start -> first GET /2018-06-01/runtime/invocation/next ({runs} runs each; budget {COLD_START_BUDGET_MS} ms)");
+    println!(
+        "cold start: process start -> first GET /2018-06-01/runtime/invocation/next ({runs} runs each; budget {COLD_START_BUDGET_MS} ms)"
+    );
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>8}",
         "function", "min ms", "median", "p95", "max"
@@ -249,7 +251,9 @@ async fn calls() -> bool {
             .expect("seed");
     }
     let mut ok = true;
-    println!("\nAWS calls for one confirmed order (two items), by operation; budget: at most 13 calls = 8 DynamoDB writes + 1 batch read + 4 SQS sends, no other read");
+    println!(
+        "\nAWS calls for one confirmed order (two items), by operation; budget: at most 13 calls = 8 DynamoDB writes + 1 batch read + 4 SQS sends, no other read"
+    );
     for (label, key) in [
         ("without Idempotency-Key", None),
         ("with Idempotency-Key", Some("bench-key-1")),
@@ -319,7 +323,10 @@ async fn calls() -> bool {
             "    saga total {total} calls: {} DynamoDB writes, {} batch read, {} other reads, {} SQS sends, {} other",
             t.writes, t.batch_reads, t.other_reads, t.sends, t.other
         );
-        println!("    + {} write(s) by the payment simulator to its own ledger (a real provider is an HTTPS call, not AWS)", t.provider_writes);
+        println!(
+            "    + {} write(s) by the payment simulator to its own ledger (a real provider is an HTTPS call, not AWS)",
+            t.provider_writes
+        );
         let within = total <= 13
             && t.writes <= 8
             && t.batch_reads <= 1
