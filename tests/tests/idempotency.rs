@@ -2,13 +2,8 @@
 //! contract (IETF draft "The Idempotency-Key HTTP Header Field") over HTTP.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef;
-use aws_smithy_types::config_bag::ConfigBag;
 use saga_core::adapters::orders::DynamoOrders;
 use saga_core::aws::AwsClients;
 use saga_core::config::OrderApiConfig;
@@ -32,53 +27,13 @@ const HOUR_MS: i64 = 3_600_000;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Counts the DynamoDB operations made through a client, by name.
+/// Counts the DynamoDB operations made through a client, by name (the runner's call counter).
 #[derive(Debug, Default, Clone)]
-struct OpCounter {
-    ops: Arc<std::sync::Mutex<Vec<String>>>,
-}
+struct OpCounter(local_runner::counting::CallCounter);
 
 impl OpCounter {
     fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.ops.lock().unwrap())
-    }
-}
-
-impl Intercept for OpCounter {
-    fn name(&self) -> &'static str {
-        "OpCounter"
-    }
-
-    fn read_before_execution(
-        &self,
-        context: &BeforeSerializationInterceptorContextRef<'_>,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), BoxError> {
-        use aws_sdk_dynamodb::operation::{
-            delete_item::DeleteItemInput, get_item::GetItemInput, put_item::PutItemInput,
-            query::QueryInput, scan::ScanInput, transact_write_items::TransactWriteItemsInput,
-            update_item::UpdateItemInput,
-        };
-        let input = context.input();
-        let op = if input.downcast_ref::<PutItemInput>().is_some() {
-            "PutItem"
-        } else if input.downcast_ref::<GetItemInput>().is_some() {
-            "GetItem"
-        } else if input.downcast_ref::<UpdateItemInput>().is_some() {
-            "UpdateItem"
-        } else if input.downcast_ref::<DeleteItemInput>().is_some() {
-            "DeleteItem"
-        } else if input.downcast_ref::<QueryInput>().is_some() {
-            "Query"
-        } else if input.downcast_ref::<ScanInput>().is_some() {
-            "Scan"
-        } else if input.downcast_ref::<TransactWriteItemsInput>().is_some() {
-            "TransactWriteItems"
-        } else {
-            "other"
-        };
-        self.ops.lock().unwrap().push(op.to_string());
-        Ok(())
+        self.0.take().into_iter().map(|c| c.operation).collect()
     }
 }
 
@@ -98,7 +53,7 @@ fn counted_store(t: &TestStack) -> (DynamoIdempotency, OpCounter) {
         .dynamodb
         .config()
         .to_builder()
-        .interceptor(counter.clone())
+        .interceptor(counter.0.clone())
         .build();
     let client = aws_sdk_dynamodb::Client::from_conf(config);
     (

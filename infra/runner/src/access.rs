@@ -159,6 +159,21 @@ impl Interceptor {
     }
 }
 
+/// The DynamoDB tables a call acts on, each once, sorted (what [`crate::counting`] sorts the
+/// budget's calls by).
+pub(crate) fn tables(service: &str, operation: &str, input: &Input) -> Vec<String> {
+    let mut tables: Vec<String> = actions(service, operation, input)
+        .into_iter()
+        .filter_map(|(_, named)| match named {
+            Named::Table(table, _) => Some(table),
+            _ => None,
+        })
+        .collect();
+    tables.sort();
+    tables.dedup();
+    tables
+}
+
 /// `(action, what it acts on)` for each resource a call of `operation` acts on.
 fn actions(service: &str, operation: &str, input: &Input) -> Vec<(String, Named)> {
     let prefix = service.to_ascii_lowercase();

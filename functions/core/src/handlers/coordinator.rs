@@ -202,8 +202,8 @@ fn fact_update(event: &SagaEvent) -> FactUpdate {
 mod tests {
     use super::*;
     use crate::adapters::memory::{MemoryQueues, MemoryStore};
-    use crate::domain::{ItemRequest, OrderStatus, PlaceOrderRequest};
-    use crate::handlers::testing::{failed, sqs_event};
+    use crate::domain::OrderStatus;
+    use crate::handlers::testing::{failed, order, sqs_event};
     use serde_json::json;
 
     const STOCK: &str = "stock";
@@ -216,17 +216,7 @@ mod tests {
     ) {
         let store = MemoryStore::default();
         let queues = MemoryQueues::default();
-        let request = PlaceOrderRequest {
-            customer_id: "c-1".into(),
-            items: vec![ItemRequest {
-                product_id: "p-1".into(),
-                quantity: 2,
-            }],
-            payment_method: None,
-        };
-        let order =
-            crate::domain::price_order("o-1".into(), &request, |_| Some(300), 1_000).unwrap();
-        store.insert_order(order);
+        store.insert_order(order("o-1", 2, 1_000));
         let h = CoordinatorHandler::with_ports(
             store.clone(),
             queues.clone(),

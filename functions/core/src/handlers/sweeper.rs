@@ -107,25 +107,15 @@ impl<O: Orders, P: Publish> SweeperHandler<O, P> {
 mod tests {
     use super::*;
     use crate::adapters::memory::{MemoryQueues, MemoryStore};
-    use crate::domain::{ItemRequest, PlaceOrderRequest};
+    use crate::handlers::testing::order;
 
     #[tokio::test]
     async fn when_orders_are_pending_past_the_timeout_should_hand_them_to_the_coordinator() {
         let store = MemoryStore::default();
         let queues = MemoryQueues::default();
-        let request = PlaceOrderRequest {
-            customer_id: "c-1".into(),
-            items: vec![ItemRequest {
-                product_id: "p-1".into(),
-                quantity: 1,
-            }],
-            payment_method: None,
-        };
         let now = crate::time::now_ms();
         for (id, created) in [("old", now - 600_000), ("new", now)] {
-            let order =
-                crate::domain::price_order(id.into(), &request, |_| Some(1), created).unwrap();
-            store.insert_order(order);
+            store.insert_order(order(id, 1, created));
         }
         let h = SweeperHandler::with_ports(
             store.clone(),
