@@ -129,12 +129,46 @@ fn check(text: &str) -> Problems {
         Err(e) => return vec![format!("the local runner refuses the template: {e}")],
     };
     check_event_sources(&template, &mut problems);
+    check_routes(&template, &mut problems);
     check_queues(&template, &mut problems);
     check_configurations(&mut problems);
     for f in &template.functions {
         check_environment(f, &mut problems);
     }
     problems
+}
+
+/// The gateway routes the order API's events declare are exactly the route keys its handler
+/// serves (`saga_core::handlers::api::ROUTES`): the handler routes on the key the gateway
+/// matched, so a route on one side only is a request nobody answers.
+fn check_routes(template: &Template, problems: &mut Problems) {
+    let served: BTreeSet<String> = saga_core::handlers::api::ROUTES
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    for f in template
+        .functions
+        .iter()
+        .filter(|f| f.binary == "order-api")
+    {
+        let declared: BTreeSet<String> = f
+            .http_routes
+            .iter()
+            .map(|(method, path)| format!("{method} {path}"))
+            .collect();
+        for route in declared.difference(&served) {
+            problems.push(format!(
+                "{}: route {route} reaches the function, whose handler does not serve it",
+                f.logical_id
+            ));
+        }
+        for route in served.difference(&declared) {
+            problems.push(format!(
+                "{}: the handler serves {route}, but no event of the function routes it",
+                f.logical_id
+            ));
+        }
+    }
 }
 
 fn check_event_sources(template: &Template, problems: &mut Problems) {
@@ -394,6 +428,27 @@ fn when_a_function_environment_lacks_a_variable_its_code_reads_should_report_it(
     assert_reported(
         &text,
         &["CoordinatorFunction", "sets PRODUCTS_TABLE", "never reads"],
+    );
+}
+
+#[test]
+fn when_a_gateway_route_and_the_handlers_routes_differ_should_report_it() {
+    let text = mutated("Path: /orders/{orderId}", "Path: /order/{orderId}", None);
+    assert_reported(
+        &text,
+        &[
+            "OrderApiFunction",
+            "route GET /order/{orderId}",
+            "does not serve it",
+        ],
+    );
+    assert_reported(
+        &text,
+        &[
+            "OrderApiFunction",
+            "serves GET /orders/{orderId}",
+            "no event",
+        ],
     );
 }
 
