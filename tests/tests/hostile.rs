@@ -298,16 +298,15 @@ fn bad_requests() -> Vec<Case> {
     ] {
         cases.push(order_case(name, body, "INVALID_REQUEST"));
     }
-    // BUG (core, domain.rs/api.rs parse_json): serde's derived structs also accept a JSON
-    // array of the fields in order, so these "not an object" bodies are taken as orders and
-    // answered 202. See the report; these two cases fail until the API requires objects.
+    // Regression guard: serde's derived structs also accept a JSON array of the fields in
+    // order; the API requires objects (`domain::ObjectOnly`), so these are refused.
     cases.push(order_case(
-        "an array in field order (BUG: accepted as an order)",
+        "an array in field order",
         r#"["c-1",[{"productId":"p-1","quantity":1}]]"#,
         "INVALID_REQUEST",
     ));
     cases.push(order_json(
-        "items given as arrays in field order (BUG: accepted as an order)",
+        "items given as arrays in field order",
         json!({"customerId": "c-1", "items": [["p-1", 1]]}),
         "INVALID_REQUEST",
     ));
@@ -602,7 +601,7 @@ fn bad_requests() -> Vec<Case> {
         cases.push(product_json(&format!("PUT /products: {name}"), body));
     }
     cases.push(case(
-        "PUT /products: a body in field order (BUG: accepted as a product)",
+        "PUT /products: a body in field order",
         "PUT",
         "/products/p-1",
         r#"["Evil",1,999]"#,
@@ -794,9 +793,8 @@ async fn when_a_body_is_exactly_at_the_size_limit_should_be_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_product_id_is_a_route_word_should_still_be_served() {
     let t = TestStack::start_paused().await;
-    // BUG (core, handlers/api.rs route()): the path pattern `[.., "orders"]` is tried before
-    // `[.., "products", id]`, so `PUT /products/orders` is answered 405 METHOD_NOT_ALLOWED
-    // (and `GET /orders/orders` 405 instead of 404). See the report.
+    // Regression guard: a product or order id that is also a route word is an id like any
+    // other (the gateway matches `{productId}` / `{orderId}`, the handler routes on the key).
     let r = t
         .request("PUT", "/products/orders", Some(&valid_product()), &[])
         .await;
@@ -827,9 +825,8 @@ async fn when_a_path_holds_raw_non_ascii_bytes_should_answer_4xx_not_drop_the_co
                 Vec::new()
             };
             let answer = raw_http(addr, &raw_request_bytes(method, target, &body)).await;
-            // BUG (runner, http.rs percent_decode): `%` followed by a hex digit and a
-            // multi-byte character slices the path inside a character and panics; the
-            // connection is dropped without an answer. See the report.
+            // Regression guard: `%` followed by a hex digit and a multi-byte character once
+            // sliced the path inside a character, and the connection dropped unanswered.
             let (status, body) =
                 answer.unwrap_or_else(|| panic!("{method} {shown}: no answer (server panicked?)"));
             assert!(
@@ -1195,9 +1192,8 @@ async fn when_the_http_front_gets_arbitrary_paths_should_always_answer_below_500
                 }
                 let answer =
                     rt.block_on(raw_http(addr, &raw_request_bytes(method, &target, &body)));
-                // BUG (runner, http.rs percent_decode): a path segment with `%` then a
-                // multi-byte character (minimal case `GET /orders/%\u{800}`) panics the
-                // connection task, so the connection drops without an answer. See the report.
+                // Regression guard: a path segment with `%` then a multi-byte character
+                // (minimal case `GET /orders/%\u{800}`) once dropped the connection unanswered.
                 let Some((status, text)) = answer else {
                     return Err(TestCaseError::fail(format!(
                         "{method} {path}: connection dropped without an answer"
@@ -1606,9 +1602,9 @@ async fn when_a_coordinator_batch_mixes_garbage_and_valid_messages_should_fail_e
 
 #[test]
 fn when_a_message_is_a_json_array_in_field_order_should_be_refused() {
-    // BUG (core, messages.rs parse): like the API bodies, serde's derived types also accept a
-    // JSON array of the fields in order (and an internally tagged enum takes the tag as the
-    // first element), so these are taken as messages. See the report.
+    // Regression guard: like the API bodies, serde's derived types also accept a JSON array of
+    // the fields in order (and an internally tagged enum takes the tag as the first element);
+    // `messages::parse` requires objects, so these are refused.
     let bodies = [
         (
             0,
