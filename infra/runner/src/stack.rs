@@ -175,7 +175,8 @@ impl LocalEndpoints {
 }
 
 /// The configuration a function's binary loads at cold start, by the binary's name: what its
-/// `functions/<binary>/src/main.rs` loads, and what the runner builds its handler from.
+/// handler's `Function::from_env` loads in Lambda (`saga_core::lambda`), and what the runner
+/// builds the same handler from with `new`.
 #[derive(Clone, Debug)]
 pub enum FunctionConfig {
     OrderApi(OrderApiConfig),
