@@ -7,7 +7,7 @@
 //! | [`Stock`] | [`crate::adapters::stock::DynamoStock`] | `MemoryStore` |
 //! | [`Idempotency`] | [`crate::idempotency::dynamo::DynamoIdempotency`] | `MemoryStore` |
 //! | [`Publish`] | [`crate::adapters::sqs::SqsPublisher`] | [`crate::adapters::memory::MemoryQueues`] |
-//! | [`PaymentProvider`] | [`crate::adapters::payment::SimulatedProvider`] | (the simulator on `MemoryStore`) |
+//! | [`PaymentProvider`] | [`crate::adapters::payment::SimulatedProvider`] (a ledger in DynamoDB) | [`crate::adapters::memory::MemoryProvider`] |
 //!
 //! The handlers are generic over these traits. Lambda and the local runner plug in the
 //! DynamoDB and SQS adapters; the handlers' unit tests plug in the in-memory ones, which keep
