@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use crate::identity::AccessPolicy;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
     #[error("environment variable {0} is not set (the SAM template sets it for this function)")]
@@ -65,6 +67,9 @@ fn optional_parsed<T: std::str::FromStr>(
 
 pub const ORDERS_TABLE: &str = "ORDERS_TABLE";
 pub const ORDERS_PENDING_INDEX: &str = "ORDERS_PENDING_INDEX";
+pub const ORDERS_CUSTOMER_INDEX: &str = "ORDERS_CUSTOMER_INDEX";
+pub const GROUPS_CLAIM: &str = "GROUPS_CLAIM";
+pub const OPERATORS_GROUP: &str = "OPERATORS_GROUP";
 pub const PRODUCTS_TABLE: &str = "PRODUCTS_TABLE";
 pub const IDEMPOTENCY_TABLE: &str = "IDEMPOTENCY_TABLE";
 pub const PAYMENT_LEDGER_TABLE: &str = "PAYMENT_LEDGER_TABLE";
@@ -77,29 +82,46 @@ pub const ORDER_TIMEOUT_SECONDS: &str = "ORDER_TIMEOUT_SECONDS";
 #[derive(Clone, Debug)]
 pub struct OrderApiConfig {
     pub orders_table: String,
+    pub customer_index: String,
     pub products_table: String,
     pub idempotency_table: String,
     pub stock_queue_url: String,
     pub payment_queue_url: String,
+    /// Which claim holds the caller's groups and which group is the operators'; Cognito's
+    /// (`cognito:groups`, `operators`) unless `GROUPS_CLAIM` / `OPERATORS_GROUP` say otherwise.
+    pub access: AccessPolicy,
 }
 
 impl OrderApiConfig {
     /// Variables this function reads (checked against the template by a test).
     pub const VARIABLES: &'static [&'static str] = &[
         ORDERS_TABLE,
+        ORDERS_CUSTOMER_INDEX,
         PRODUCTS_TABLE,
         IDEMPOTENCY_TABLE,
         STOCK_QUEUE_URL,
         PAYMENT_QUEUE_URL,
+        GROUPS_CLAIM,
+        OPERATORS_GROUP,
     ];
 
     pub fn load(env: &impl Lookup) -> Result<Self, ConfigError> {
+        let defaults = AccessPolicy::default();
+        let or_default = |name, default: String| match env.get(name) {
+            Some(v) if !v.trim().is_empty() => v.trim().to_string(),
+            _ => default,
+        };
         Ok(Self {
             orders_table: required(env, ORDERS_TABLE)?,
+            customer_index: required(env, ORDERS_CUSTOMER_INDEX)?,
             products_table: required(env, PRODUCTS_TABLE)?,
             idempotency_table: required(env, IDEMPOTENCY_TABLE)?,
             stock_queue_url: required(env, STOCK_QUEUE_URL)?,
             payment_queue_url: required(env, PAYMENT_QUEUE_URL)?,
+            access: AccessPolicy {
+                groups_claim: or_default(GROUPS_CLAIM, defaults.groups_claim),
+                operators_group: or_default(OPERATORS_GROUP, defaults.operators_group),
+            },
         })
     }
 }

@@ -106,11 +106,11 @@ pub struct ItemRequest {
 }
 
 /// The body of `POST /orders`. Unknown fields are refused, so a misspelt field is an error
-/// rather than silently ignored.
+/// rather than silently ignored. The customer is the caller (the token's `sub`), never the
+/// body: a `customerId` in it is refused like any other unknown field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlaceOrderRequest {
-    pub customer_id: String,
     #[serde(deserialize_with = "objects")]
     pub items: Vec<ItemRequest>,
     #[serde(default)]
@@ -169,7 +169,6 @@ pub fn validate_id(field: &str, value: &str) -> Result<(), Invalid> {
 impl PlaceOrderRequest {
     /// Checks every rule a request must meet before anything is read or written.
     pub fn validate(&self) -> Result<(), Invalid> {
-        validate_id("customerId", &self.customer_id)?;
         if let Some(method) = &self.payment_method {
             validate_id("paymentMethod", method)?;
         }
@@ -308,6 +307,7 @@ pub const PENDING_SWEEP: &str = "PENDING";
 /// `price_of` returns `None` for an unknown product, which makes the whole order invalid.
 pub fn price_order(
     order_id: String,
+    customer_id: &str,
     request: &PlaceOrderRequest,
     price_of: impl Fn(&str) -> Option<u64>,
     now_ms: i64,
@@ -334,7 +334,7 @@ pub fn price_order(
     let now = crate::time::rfc3339(now_ms);
     Ok(Order {
         order_id,
-        customer_id: request.customer_id.clone(),
+        customer_id: customer_id.to_string(),
         status: OrderStatus::Pending,
         stock_status: StockStatus::Pending,
         payment_status: PaymentStatus::Pending,
@@ -411,7 +411,6 @@ mod tests {
 
     fn request(items: Vec<(&str, u64)>) -> PlaceOrderRequest {
         PlaceOrderRequest {
-            customer_id: "c-1".into(),
             items: items
                 .into_iter()
                 .map(|(p, q)| ItemRequest {
@@ -449,9 +448,14 @@ mod tests {
         for (req, field) in cases {
             assert_eq!(req.validate().unwrap_err().field, field, "{req:?}");
         }
-        let mut long_customer = request(vec![("p-1", 1)]);
-        long_customer.customer_id = "c".repeat(MAX_ID_LEN + 1);
-        assert_eq!(long_customer.validate().unwrap_err().field, "customerId");
+        // The customer is the caller, never the body.
+        let with_customer =
+            r#"{"customerId": "c-2", "items": [{"productId": "p-1", "quantity": 1}]}"#;
+        let err = serde_json::from_str::<PlaceOrderRequest>(with_customer).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `customerId`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -459,6 +463,7 @@ mod tests {
         let req = request(vec![("p-1", 2), ("p-2", 3)]);
         let order = price_order(
             "o-1".into(),
+            "c-1",
             &req,
             |p| match p {
                 "p-1" => Some(1250),
@@ -477,13 +482,15 @@ mod tests {
 
     #[test]
     fn when_a_product_is_unknown_should_refuse_the_order() {
-        let err = price_order("o".into(), &request(vec![("nope", 1)]), |_| None, 0).unwrap_err();
+        let err =
+            price_order("o".into(), "c-1", &request(vec![("nope", 1)]), |_| None, 0).unwrap_err();
         assert_eq!(err.field, "items[0].productId");
     }
 
     #[test]
     fn when_viewing_a_pending_order_should_omit_cancel_reason() {
-        let order = price_order("o".into(), &request(vec![("p", 1)]), |_| Some(5), 0).unwrap();
+        let order =
+            price_order("o".into(), "c-1", &request(vec![("p", 1)]), |_| Some(5), 0).unwrap();
         let view = order.view();
         assert!(view.get("cancelReason").is_none());
         assert_eq!(view["status"], "PENDING");

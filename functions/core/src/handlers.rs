@@ -55,14 +55,13 @@ pub(crate) mod testing {
     /// A pending order of `quantity` units of `p-1` at 300 cents, created at `created_ms`.
     pub fn order(order_id: &str, quantity: u64, created_ms: i64) -> crate::domain::Order {
         let request = crate::domain::PlaceOrderRequest {
-            customer_id: "c-1".into(),
             items: vec![crate::domain::ItemRequest {
                 product_id: "p-1".into(),
                 quantity,
             }],
             payment_method: None,
         };
-        crate::domain::price_order(order_id.into(), &request, |_| Some(300), created_ms)
+        crate::domain::price_order(order_id.into(), "c-1", &request, |_| Some(300), created_ms)
             .expect("p-1 has a price")
     }
 

@@ -16,6 +16,7 @@ pub mod domain;
 pub mod faults;
 pub mod handlers;
 pub mod idempotency;
+pub mod identity;
 pub mod lambda;
 pub mod messages;
 pub mod metrics;

@@ -15,7 +15,7 @@
 //! handlers' logic in milliseconds. The integration tests prove the DynamoDB expressions
 //! themselves, over the wire.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
 
@@ -85,6 +85,31 @@ pub enum CreateError {
 }
 
 /// The orders table.
+/// Where a customer's order list resumes: the last order of the previous page.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCursor {
+    pub created_at_ms: i64,
+    pub order_id: String,
+}
+
+impl OrderCursor {
+    pub fn of(order: &Order) -> Self {
+        Self {
+            created_at_ms: order.created_at_ms,
+            order_id: order.order_id.clone(),
+        }
+    }
+}
+
+/// One page of a customer's orders.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrderPage {
+    pub orders: Vec<Order>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<OrderCursor>,
+}
+
 pub trait Orders: Send + Sync {
     /// Creates an order; never overwrites one.
     fn create(&self, order: &Order) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -100,6 +125,17 @@ pub trait Orders: Send + Sync {
 
     fn get(&self, order_id: &str)
     -> impl Future<Output = Result<Option<Order>, StoreError>> + Send;
+
+    /// A customer's orders, newest first: at most `limit`, after `after` (the last order of
+    /// the previous page). `next` is set only when more orders follow. A walk from the first
+    /// page sees every order that existed when it started exactly once, whatever is placed
+    /// meanwhile (newer orders sort before the walk's position).
+    fn customer_orders(
+        &self,
+        customer_id: &str,
+        limit: usize,
+        after: Option<&OrderCursor>,
+    ) -> impl Future<Output = Result<OrderPage, StoreError>> + Send;
 
     /// Applies a saga fact as one conditional update (two for a failure that arrives after the
     /// order was already cancelled for another reason).

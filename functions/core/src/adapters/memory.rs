@@ -20,8 +20,8 @@ use crate::idempotency::{
 };
 use crate::messages::StockRejection;
 use crate::ports::{
-    CreateError, FactUpdate, Orders, PaymentProvider, Products, Publish, ReleaseOutcome,
-    ReserveOutcome, Stock, Update,
+    CreateError, FactUpdate, OrderCursor, OrderPage, Orders, PaymentProvider, Products, Publish,
+    ReleaseOutcome, ReserveOutcome, Stock, Update,
 };
 use crate::saga::Requires;
 
@@ -126,6 +126,28 @@ impl Orders for MemoryStore {
 
     async fn get(&self, order_id: &str) -> Result<Option<Order>, StoreError> {
         Ok(self.order(order_id))
+    }
+
+    async fn customer_orders(
+        &self,
+        customer_id: &str,
+        limit: usize,
+        after: Option<&OrderCursor>,
+    ) -> Result<OrderPage, StoreError> {
+        // The index's order: creation time, then order id, newest first.
+        let position = |o: &Order| (o.created_at_ms, o.order_id.clone());
+        let mut mine: Vec<Order> = (self.tables().orders.values())
+            .filter(|o| o.customer_id == customer_id)
+            .filter(|o| after.is_none_or(|a| position(o) < (a.created_at_ms, a.order_id.clone())))
+            .cloned()
+            .collect();
+        mine.sort_by_key(|o| std::cmp::Reverse(position(o)));
+        let more = mine.len() > limit;
+        mine.truncate(limit);
+        Ok(OrderPage {
+            next: more.then(|| mine.last().map(OrderCursor::of)).flatten(),
+            orders: mine,
+        })
     }
 
     async fn apply(

@@ -16,7 +16,7 @@ use super::dynamo::{self, Item, StoreError, s, to_value};
 use crate::domain::{CancelReason, Order, OrderStatus, PaymentStatus, StockStatus};
 use crate::idempotency::dynamo::{DynamoIdempotency, existing_from_reason};
 use crate::idempotency::{Claim, ClaimRequest};
-use crate::ports::{CreateError, FactUpdate, Orders, Update};
+use crate::ports::{CreateError, FactUpdate, OrderCursor, OrderPage, Orders, Update};
 use crate::saga::{Requires, Step};
 
 #[derive(Clone, Debug)]
@@ -25,6 +25,8 @@ pub struct DynamoOrders {
     table: String,
     /// The sparse index of pending orders the sweeper queries.
     pending_index: Option<String>,
+    /// The index of each customer's orders by creation time (`GET /orders`).
+    customer_index: Option<String>,
     /// Where API idempotency claims go, in the same transaction as the order.
     idempotency: Option<DynamoIdempotency>,
 }
@@ -132,6 +134,7 @@ impl DynamoOrders {
             client,
             table: table.into(),
             pending_index: None,
+            customer_index: None,
             idempotency: None,
         }
     }
@@ -139,6 +142,12 @@ impl DynamoOrders {
     /// The index [`Orders::pending_before`] queries.
     pub fn with_pending_index(mut self, index: impl Into<String>) -> Self {
         self.pending_index = Some(index.into());
+        self
+    }
+
+    /// The index [`Orders::customer_orders`] queries.
+    pub fn with_customer_index(mut self, index: impl Into<String>) -> Self {
+        self.customer_index = Some(index.into());
         self
     }
 
@@ -237,6 +246,58 @@ impl Orders for DynamoOrders {
             .await
             .map_err(|e| StoreError::sdk("get_order", e.into_service_error()))?;
         out.item.map(dynamo::from_item).transpose()
+    }
+
+    async fn customer_orders(
+        &self,
+        customer_id: &str,
+        limit: usize,
+        after: Option<&OrderCursor>,
+    ) -> Result<OrderPage, StoreError> {
+        let index = self.customer_index.as_deref().ok_or(StoreError::Corrupt(
+            "the orders adapter has no customer-orders index".into(),
+        ))?;
+        // The index key of the last order seen: its partition and sort key, and the table's key.
+        let mut start = after.map(|a| {
+            HashMap::from([
+                ("customerId".to_string(), s(customer_id)),
+                ("createdAtMs".to_string(), dynamo::n(a.created_at_ms)),
+                ("orderId".to_string(), s(&a.order_id)),
+            ])
+        });
+        // One more than asked: whether it comes tells if another page follows, so the last
+        // page never promises one that turns out empty.
+        let want = limit + 1;
+        let mut orders = Vec::with_capacity(want);
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(index)
+                .key_condition_expression("customerId = :customer")
+                .expression_attribute_values(":customer", s(customer_id))
+                .scan_index_forward(false)
+                .set_exclusive_start_key(start.take())
+                .limit((want - orders.len()) as i32)
+                .send()
+                .await
+                .map_err(|e| StoreError::sdk("query_customer_orders", e.into_service_error()))?;
+            for item in out.items.unwrap_or_default() {
+                orders.push(dynamo::from_item::<Order>(item)?);
+            }
+            // A page of a query may stop short of its limit (1 MB); go on from where it stopped.
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() && orders.len() < want => start = Some(key),
+                _ => break,
+            }
+        }
+        let more = orders.len() > limit;
+        orders.truncate(limit);
+        Ok(OrderPage {
+            next: more.then(|| orders.last().map(OrderCursor::of)).flatten(),
+            orders,
+        })
     }
 
     async fn apply(

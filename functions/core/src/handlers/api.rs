@@ -4,8 +4,13 @@
 //!   as PENDING, send ReserveStock and ChargePayment at once (the parallel saga), answer 202.
 //!   With an `Idempotency-Key` header the key's claim is written in the same transaction as
 //!   the order (see [`ApiHandler::place_order`]).
-//! - `GET /orders/{orderId}`, `PUT /products/{productId}`, `GET /products/{productId}`.
+//! - `GET /orders`: the caller's own orders, newest first, paged (`?limit=`, `nextToken`).
+//! - `GET /orders/{orderId}`: the caller's order (any order for an operator); 404 otherwise.
+//! - `PUT /products/{productId}`: operators only (403 for anyone else).
+//! - `GET /products/{productId}`: public (the template routes it without the authorizer).
 //!
+//! Who calls comes from the claims API Gateway's JWT authorizer verified
+//! ([`crate::identity`]): the customer of an order is the token's `sub`, never the body.
 //! Every client mistake is a 4xx with `{"error": {"code", "message"}}` and writes nothing.
 
 use lambda_http::http::{HeaderMap, StatusCode, header};
@@ -24,12 +29,17 @@ use crate::domain::{self, Order, PlaceOrderRequest, Product, PutProductRequest};
 use crate::faults::{FaultPoint, Faults};
 use crate::idempotency::dynamo::DynamoIdempotency;
 use crate::idempotency::{self, Claim, ClaimRequest, Existing, Idempotency, StepKey};
+use crate::identity::{AccessPolicy, Caller};
 use crate::messages::{PaymentCommand, StockCommand};
-use crate::ports::{CreateError, Orders, Products, Publish};
+use crate::ports::{CreateError, OrderCursor, Orders, Products, Publish};
 
 /// Longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// `GET /orders` answers this many orders per page unless `?limit=` says otherwise.
+pub const DEFAULT_PAGE_SIZE: usize = 20;
+/// The largest `?limit=` of `GET /orders`.
+pub const MAX_PAGE_SIZE: usize = 100;
 
 /// An error answer: status, machine-readable code, human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +66,14 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
     }
 
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+    }
+
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", message)
+    }
+
     fn unavailable(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "dependency failed");
         Self::new(
@@ -66,10 +84,16 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
+        let challenge = [(header::WWW_AUTHENTICATE.as_str(), "Bearer".to_string())];
+        let headers: &[(&str, String)] = if self.status == StatusCode::UNAUTHORIZED {
+            &challenge
+        } else {
+            &[]
+        };
         json_response(
             self.status,
             &json!({"error": {"code": self.code, "message": self.message}}),
-            &[],
+            headers,
         )
     }
 }
@@ -115,6 +139,7 @@ fn json_response(status: StatusCode, body: &Value, headers: &[(&str, String)]) -
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
     PlaceOrder,
+    ListOrders,
     GetOrder(String),
     PutProduct(String),
     GetProduct(String),
@@ -129,6 +154,7 @@ pub struct ApiHandler<O = DynamoOrders, R = DynamoProducts, I = DynamoIdempotenc
     stock_queue_url: String,
     payment_queue_url: String,
     faults: Faults,
+    access: AccessPolicy,
 }
 
 impl ApiHandler {
@@ -138,6 +164,7 @@ impl ApiHandler {
             DynamoIdempotency::new(clients.dynamodb.clone(), config.idempotency_table);
         Self::with_ports(
             DynamoOrders::new(clients.dynamodb.clone(), config.orders_table)
+                .with_customer_index(config.customer_index)
                 .with_idempotency(idempotency.clone()),
             DynamoProducts::new(clients.dynamodb.clone(), config.products_table),
             idempotency,
@@ -146,6 +173,7 @@ impl ApiHandler {
             config.payment_queue_url,
             faults,
         )
+        .with_access(config.access)
     }
 }
 
@@ -177,7 +205,30 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
             stock_queue_url,
             payment_queue_url,
             faults,
+            access: AccessPolicy::default(),
         }
+    }
+
+    /// Which claim and group make a caller an operator (Cognito's by default).
+    pub fn with_access(mut self, access: AccessPolicy) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The signed-in caller, from the claims the gateway's JWT authorizer verified.
+    fn caller(&self, req: &Request) -> Result<Caller, ApiError> {
+        let claims = match req.request_context_ref() {
+            Some(RequestContext::ApiGatewayV2(ctx)) => ctx
+                .authorizer
+                .as_ref()
+                .and_then(|a| a.jwt.as_ref())
+                .map(|jwt| &jwt.claims),
+            _ => None,
+        };
+        self.access.caller(claims).map_err(|e| {
+            tracing::error!(error = %e, "request without a verified caller refused");
+            ApiError::unauthorized(e.to_string())
+        })
     }
 
     /// Handles one request. Never fails: every error is an HTTP answer.
@@ -190,7 +241,13 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
     }
 
     async fn dispatch(&self, req: &Request) -> Result<Response<Body>, ApiError> {
-        match route(req)? {
+        let route = route(req)?;
+        // The catalogue is public (`PUBLIC_ROUTES`); every other route needs a signed-in caller.
+        if let Route::GetProduct(id) = &route {
+            return self.get_product(id).await;
+        }
+        let caller = self.caller(req)?;
+        match route {
             Route::PlaceOrder => {
                 let deadline = crate::time::deadline_ms(
                     req.lambda_context_ref().map_or(0, |c| c.deadline),
@@ -198,17 +255,22 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
                 );
                 let body = json_body(req)?;
                 let key = idempotency_key(req.headers())?;
-                self.place_order(body, key.as_deref(), deadline).await
+                self.place_order(&caller, body, key.as_deref(), deadline)
+                    .await
             }
+            Route::ListOrders => self.list_orders(&caller, req).await,
             Route::GetOrder(id) => {
-                let order = self
-                    .orders
-                    .get(&id)
-                    .await?
+                // Someone else's order is answered exactly as one that does not exist, so the
+                // answer never tells that it does.
+                let order = (self.orders.get(&id).await?)
+                    .filter(|o| caller.operator || o.customer_id == caller.subject)
                     .ok_or_else(|| ApiError::not_found(format!("order {id} does not exist")))?;
                 Ok(json_response(StatusCode::OK, &order.view(), &[]))
             }
             Route::PutProduct(id) => {
+                if !caller.operator {
+                    return Err(ApiError::forbidden("only operators may change products"));
+                }
                 let body: PutProductRequest = parse_json(json_body(req)?)?;
                 body.validate()
                     .map_err(|e| ApiError::bad_request("INVALID_REQUEST", e.to_string()))?;
@@ -221,14 +283,51 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
                 self.products.put(&product).await?;
                 Ok(json_response(StatusCode::OK, &json!(product), &[]))
             }
-            Route::GetProduct(id) => {
-                let product =
-                    self.products.get(&id).await?.ok_or_else(|| {
-                        ApiError::not_found(format!("product {id} does not exist"))
-                    })?;
-                Ok(json_response(StatusCode::OK, &json!(product), &[]))
-            }
+            Route::GetProduct(id) => self.get_product(&id).await,
         }
+    }
+
+    async fn get_product(&self, id: &str) -> Result<Response<Body>, ApiError> {
+        let product = (self.products.get(id).await?)
+            .ok_or_else(|| ApiError::not_found(format!("product {id} does not exist")))?;
+        Ok(json_response(StatusCode::OK, &json!(product), &[]))
+    }
+
+    /// `GET /orders`: one page of the caller's orders, newest first.
+    async fn list_orders(
+        &self,
+        caller: &Caller,
+        req: &Request,
+    ) -> Result<Response<Body>, ApiError> {
+        let query = req.query_string_parameters();
+        let limit = match query.first("limit") {
+            None => DEFAULT_PAGE_SIZE,
+            Some(raw) => raw
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "INVALID_LIMIT",
+                        format!("limit must be a whole number from 1 to {MAX_PAGE_SIZE}"),
+                    )
+                })?,
+        };
+        let after = query
+            .first("nextToken")
+            .map(|token| PageToken::decode(token, &caller.subject))
+            .transpose()?;
+        let page = self
+            .orders
+            .customer_orders(&caller.subject, limit, after.as_ref())
+            .await?;
+        let mut body = json!({
+            "orders": page.orders.iter().map(|o| o.view()).collect::<Vec<_>>(),
+        });
+        if let Some(next) = page.next {
+            body["nextToken"] = json!(PageToken::encode(&caller.subject, next));
+        }
+        Ok(json_response(StatusCode::OK, &body, &[]))
     }
 
     /// Places an order.
@@ -243,6 +342,7 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
     /// call takes the key over and finishes the same order.
     async fn place_order(
         &self,
+        caller: &Caller,
         body: &[u8],
         key: Option<&str>,
         deadline: i64,
@@ -260,6 +360,7 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
         let now = crate::time::now_ms();
         let order = domain::price_order(
             uuid::Uuid::new_v4().to_string(),
+            &caller.subject,
             &request,
             |id| prices.get(id).copied(),
             now,
@@ -274,7 +375,10 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
             return Ok(accepted(&order));
         };
 
-        let record_key = StepKey::Api(key);
+        let record_key = StepKey::Api {
+            customer: &caller.subject,
+            key,
+        };
         let hash = idempotency::payload_hash(&request);
         let claim = ClaimRequest {
             key: record_key,
@@ -429,12 +533,17 @@ fn replay(stored: &str) -> Result<Response<Body>, ApiError> {
 
 /// The routes this function serves, as API Gateway route keys (`template.yaml` declares the
 /// same ones on the function's `HttpApi` events).
-pub const ROUTES: [&str; 4] = [
+pub const ROUTES: [&str; 5] = [
     "POST /orders",
+    "GET /orders",
     "GET /orders/{orderId}",
     "PUT /products/{productId}",
     "GET /products/{productId}",
 ];
+
+/// The routes that need no token: reading the catalogue (shoppers browse before they sign
+/// in). The template leaves exactly these without the JWT authorizer.
+pub const PUBLIC_ROUTES: [&str; 1] = ["GET /products/{productId}"];
 
 /// The route of a request, from the route key API Gateway matched and the path parameters it
 /// extracted: the gateway routes, the handler does not parse paths again.
@@ -452,9 +561,10 @@ fn route(req: &Request) -> Result<Route, ApiError> {
     };
     match ROUTES.iter().position(|r| *r == route_key) {
         Some(0) => Ok(Route::PlaceOrder),
-        Some(1) => id("orderId").map(Route::GetOrder),
-        Some(2) => id("productId").map(Route::PutProduct),
-        Some(3) => id("productId").map(Route::GetProduct),
+        Some(1) => Ok(Route::ListOrders),
+        Some(2) => id("orderId").map(Route::GetOrder),
+        Some(3) => id("productId").map(Route::PutProduct),
+        Some(4) => id("productId").map(Route::GetProduct),
         _ => Err(ApiError::not_found(
             format!(
                 "no route for {} {} {route_key}",
@@ -464,6 +574,52 @@ fn route(req: &Request) -> Result<Route, ApiError> {
             .trim_end()
             .to_string(),
         )),
+    }
+}
+
+/// `nextToken` of `GET /orders`: where the next page starts, for whom. Opaque to clients
+/// (base64url of JSON); a token made for another caller, or not made here, is a 400.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PageToken {
+    customer_id: String,
+    created_at_ms: i64,
+    order_id: String,
+}
+
+impl PageToken {
+    fn encode(customer_id: &str, after: OrderCursor) -> String {
+        use base64::Engine;
+        let token = PageToken {
+            customer_id: customer_id.to_string(),
+            created_at_ms: after.created_at_ms,
+            order_id: after.order_id,
+        };
+        let json = serde_json::to_vec(&token).expect("a page token serializes");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    fn decode(token: &str, customer_id: &str) -> Result<OrderCursor, ApiError> {
+        use base64::Engine;
+        let invalid = || {
+            ApiError::bad_request(
+                "INVALID_NEXT_TOKEN",
+                "nextToken is not one this API returned to this caller",
+            )
+        };
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .map_err(|_| invalid())?;
+        let token: PageToken = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+        if token.customer_id != customer_id
+            || domain::validate_id("orderId", &token.order_id).is_err()
+        {
+            return Err(invalid());
+        }
+        Ok(OrderCursor {
+            created_at_ms: token.created_at_ms,
+            order_id: token.order_id,
+        })
     }
 }
 
@@ -542,6 +698,28 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `req` as the gateway hands it over once its JWT authorizer verified a token of `sub`
+    /// (in `groups`): the claims as strings, an array as `[a b]`.
+    fn signed_in(req: Request, sub: &str, groups: &[&str]) -> Request {
+        use aws_lambda_events::apigw::{
+            ApiGatewayRequestAuthorizer, ApiGatewayRequestAuthorizerJwtDescription,
+        };
+        let Some(RequestContext::ApiGatewayV2(mut ctx)) = req.request_context_ref().cloned() else {
+            panic!("an API Gateway v2 request");
+        };
+        let mut jwt = ApiGatewayRequestAuthorizerJwtDescription::default();
+        jwt.claims.insert("sub".into(), sub.into());
+        jwt.claims.insert("token_use".into(), "access".into());
+        if !groups.is_empty() {
+            jwt.claims
+                .insert("cognito:groups".into(), format!("[{}]", groups.join(" ")));
+        }
+        let mut authorizer = ApiGatewayRequestAuthorizer::default();
+        authorizer.jwt = Some(jwt);
+        ctx.authorizer = Some(authorizer);
+        req.with_request_context(RequestContext::ApiGatewayV2(ctx))
+    }
 
     /// A request as API Gateway hands it over: the matched route key and path parameters.
     fn request(route_key: &str, params: &[(&str, &str)]) -> Request {
@@ -633,12 +811,10 @@ mod tests {
             parse_json::<PlaceOrderRequest>(b"{").unwrap_err().code,
             "MALFORMED_JSON"
         );
-        let err =
-            parse_json::<PlaceOrderRequest>(br#"{"customerId": 1, "items": []}"#).unwrap_err();
+        let err = parse_json::<PlaceOrderRequest>(br#"{"items": 1}"#).unwrap_err();
         assert_eq!(err.code, "INVALID_REQUEST");
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        let err = parse_json::<PlaceOrderRequest>(br#"{"customerId":"c","items":[],"extra":1}"#)
-            .unwrap_err();
+        let err = parse_json::<PlaceOrderRequest>(br#"{"items":[],"extra":1}"#).unwrap_err();
         assert!(err.message.contains("unknown field"), "{}", err.message);
     }
 
@@ -664,8 +840,13 @@ mod tests {
             (h, store, queues)
         }
 
+        /// `POST /orders` by customer `c-1`.
         fn place(body: Value, key: Option<&str>) -> Request {
-            let mut req = request("POST /orders", &[]);
+            place_as("c-1", body, key)
+        }
+
+        fn place_as(customer: &str, body: Value, key: Option<&str>) -> Request {
+            let mut req = signed_in(request("POST /orders", &[]), customer, &[]);
             *req.body_mut() = Body::Text(body.to_string());
             req.headers_mut()
                 .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
@@ -677,7 +858,31 @@ mod tests {
         }
 
         fn order_body(quantity: u64) -> Value {
-            json!({"customerId": "c-1", "items": [{"productId": "p-1", "quantity": quantity}]})
+            json!({"items": [{"productId": "p-1", "quantity": quantity}]})
+        }
+
+        fn get_order(id: &str, caller: &str, groups: &[&str]) -> Request {
+            signed_in(
+                request("GET /orders/{orderId}", &[("orderId", id)]),
+                caller,
+                groups,
+            )
+        }
+
+        fn list_orders(caller: &str, query: &[(&str, &str)]) -> Request {
+            let req = signed_in(request("GET /orders", &[]), caller, &[]);
+            req.with_query_string_parameters(
+                query
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<std::collections::HashMap<_, _>>(),
+            )
+        }
+
+        fn put_product(id: &str, caller: &str, groups: &[&str], body: Value) -> Request {
+            let mut req = request("PUT /products/{productId}", &[("productId", id)]);
+            *req.body_mut() = Body::Text(body.to_string());
+            signed_in(req, caller, groups)
         }
 
         async fn call(h: &Handler, req: Request) -> (StatusCode, Value, HeaderMap) {
@@ -700,8 +905,9 @@ mod tests {
             assert_eq!(store.order(id).unwrap().total_cents, 500);
             assert_eq!(queues.sent("stock")[0]["type"], "ReserveStock");
             assert_eq!(queues.sent("payment")[0]["amountCents"], 500);
-            let (status, got, _) =
-                call(&h, request("GET /orders/{orderId}", &[("orderId", id)])).await;
+            assert_eq!(body["customerId"], "c-1", "the customer is the token's sub");
+            assert_eq!(queues.sent("payment")[0]["customerId"], "c-1");
+            let (status, got, _) = call(&h, get_order(id, "c-1", &[])).await;
             assert_eq!(status, StatusCode::OK);
             assert_eq!(got, body);
         }
@@ -745,19 +951,25 @@ mod tests {
         #[tokio::test]
         async fn when_the_request_is_wrong_should_answer_4xx_and_write_nothing() {
             let (h, store, queues) = handler();
-            let unknown =
-                json!({"customerId": "c-1", "items": [{"productId": "p-9", "quantity": 1}]});
+            let unknown = json!({"items": [{"productId": "p-9", "quantity": 1}]});
             let (status, body, _) = call(&h, place(unknown, None)).await;
             assert_eq!(status, StatusCode::BAD_REQUEST);
             assert_eq!(body["error"]["code"], "UNKNOWN_PRODUCT");
             let (status, body, _) = call(&h, place(order_body(0), None)).await;
             assert_eq!(status, StatusCode::BAD_REQUEST);
             assert_eq!(body["error"]["code"], "INVALID_REQUEST");
-            let (status, _, _) = call(
-                &h,
-                request("GET /orders/{orderId}", &[("orderId", "o-404")]),
-            )
-            .await;
+            let someone_else =
+                json!({"customerId": "c-2", "items": [{"productId": "p-1", "quantity": 1}]});
+            let (status, body, _) = call(&h, place(someone_else, None)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("customerId"),
+                "{body}"
+            );
+            let (status, _, _) = call(&h, get_order("o-404", "c-1", &[])).await;
             assert_eq!(status, StatusCode::NOT_FOUND);
             assert!(store.orders().is_empty());
             assert!(queues.sent("stock").is_empty());
@@ -766,10 +978,8 @@ mod tests {
         #[tokio::test]
         async fn when_an_operator_puts_a_product_should_store_it() {
             let (h, store, _) = handler();
-            let mut req = request("PUT /products/{productId}", &[("productId", "p-2")]);
-            *req.body_mut() =
-                Body::Text(json!({"name": "Mug", "priceCents": 900, "quantity": 7}).to_string());
-            let (status, body, _) = call(&h, req).await;
+            let mug = json!({"name": "Mug", "priceCents": 900, "quantity": 7});
+            let (status, body, _) = call(&h, put_product("p-2", "op-1", &["operators"], mug)).await;
             assert_eq!(status, StatusCode::OK);
             assert_eq!(body["productId"], "p-2");
             assert_eq!(store.quantity("p-2"), Some(7));
@@ -779,6 +989,159 @@ mod tests {
             )
             .await;
             assert_eq!(got, body);
+        }
+
+        #[tokio::test]
+        async fn when_no_verified_caller_should_answer_401_and_write_nothing() {
+            let (h, store, queues) = handler();
+            let mut anonymous = request("POST /orders", &[]);
+            *anonymous.body_mut() = Body::Text(order_body(1).to_string());
+            let response = h.handle(anonymous).await.unwrap();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+            let body: Value = serde_json::from_slice(response.body().as_ref()).unwrap();
+            assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+            for route in [
+                "GET /orders",
+                "GET /orders/{orderId}",
+                "PUT /products/{productId}",
+            ] {
+                let req = request(route, &[("orderId", "o-1"), ("productId", "p-1")]);
+                let (status, _, _) = call(&h, req).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{route}");
+            }
+            assert!(store.orders().is_empty());
+            assert!(queues.sent("stock").is_empty());
+            // The catalogue is public.
+            let (status, product, _) = call(
+                &h,
+                request("GET /products/{productId}", &[("productId", "p-1")]),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(product["priceCents"], 250);
+        }
+
+        #[tokio::test]
+        async fn when_a_customer_asks_for_someone_elses_order_should_answer_as_if_it_did_not_exist()
+        {
+            let (h, _, _) = handler();
+            let (_, placed, _) = call(&h, place_as("alice", order_body(1), None)).await;
+            let id = placed["orderId"].as_str().unwrap();
+            let (status, theirs, _) = call(&h, get_order(id, "bob", &[])).await;
+            let (missing_status, missing, _) = call(&h, get_order("o-none", "bob", &[])).await;
+            assert_eq!(
+                (status, missing_status),
+                (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND)
+            );
+            assert_eq!(
+                theirs["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .replace(id, "X"),
+                missing["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .replace("o-none", "X"),
+                "the answer does not tell that the order exists"
+            );
+            let (status, _, _) = call(&h, get_order(id, "bob", &["operators"])).await;
+            assert_eq!(status, StatusCode::OK, "operators read any order");
+            let (status, got, _) = call(&h, get_order(id, "alice", &[])).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(got, placed);
+        }
+
+        #[tokio::test]
+        async fn when_a_customer_changes_a_product_should_answer_403_and_change_nothing() {
+            let (h, store, _) = handler();
+            let free = json!({"name": "Mug", "priceCents": 0, "quantity": 1_000_000});
+            let (status, body, _) = call(&h, put_product("p-1", "alice", &["admins"], free)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(body["error"]["code"], "FORBIDDEN");
+            assert_eq!(store.quantity("p-1"), Some(5));
+        }
+
+        #[tokio::test]
+        async fn when_two_customers_send_one_idempotency_key_should_give_each_their_own_order() {
+            let (h, store, _) = handler();
+            let (a_status, a, _) = call(&h, place_as("alice", order_body(1), Some("k-1"))).await;
+            let (b_status, b, headers) =
+                call(&h, place_as("bob", order_body(1), Some("k-1"))).await;
+            assert_eq!(
+                (a_status, b_status),
+                (StatusCode::ACCEPTED, StatusCode::ACCEPTED)
+            );
+            assert_ne!(a["orderId"], b["orderId"]);
+            assert!(!headers.contains_key("idempotent-replayed"));
+            assert_eq!(
+                (a["customerId"].as_str(), b["customerId"].as_str()),
+                (Some("alice"), Some("bob"))
+            );
+            assert_eq!(store.orders().len(), 2);
+            let (_, again, headers) = call(&h, place_as("bob", order_body(1), Some("k-1"))).await;
+            assert_eq!(again, b, "each replays their own");
+            assert_eq!(headers["idempotent-replayed"], "true");
+        }
+
+        #[tokio::test]
+        async fn when_listing_orders_should_page_through_the_callers_own_newest_first() {
+            let (h, store, _) = handler();
+            // Five of alice's orders, two of them created in the same millisecond, and bob's.
+            let order_of = |customer: &str, id: &str, at: i64| {
+                let mut order = crate::handlers::testing::order(id, 1, at);
+                order.customer_id = customer.into();
+                order
+            };
+            for (i, at) in [10, 20, 20, 30, 40].into_iter().enumerate() {
+                let order = order_of("alice", &format!("o-a{i}"), at);
+                store.create(&order).await.unwrap();
+            }
+            store.create(&order_of("bob", "o-b", 25)).await.unwrap();
+            let mut seen = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut query = vec![("limit", "2")];
+                if let Some(t) = &token {
+                    query.push(("nextToken", t.as_str()));
+                }
+                let (status, page, _) = call(&h, list_orders("alice", &query)).await;
+                assert_eq!(status, StatusCode::OK, "{page}");
+                let ids: Vec<String> = page["orders"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o["orderId"].as_str().unwrap().to_string())
+                    .collect();
+                assert!(ids.len() <= 2);
+                seen.extend(ids);
+                match page.get("nextToken") {
+                    Some(t) => token = Some(t.as_str().unwrap().to_string()),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, ["o-a4", "o-a3", "o-a2", "o-a1", "o-a0"]);
+            // Bob cannot walk alice's list with her token, and nonsense is refused.
+            let (_, first, _) = call(&h, list_orders("alice", &[("limit", "1")])).await;
+            let alices = first["nextToken"].as_str().unwrap();
+            for (caller, query) in [
+                ("bob", vec![("nextToken", alices)]),
+                ("alice", vec![("nextToken", "not-a-token")]),
+                ("alice", vec![("limit", "0")]),
+                ("alice", vec![("limit", "101")]),
+                ("alice", vec![("limit", "ten")]),
+            ] {
+                let (status, body, _) = call(&h, list_orders(caller, &query)).await;
+                assert_eq!(
+                    status,
+                    StatusCode::BAD_REQUEST,
+                    "{caller} {query:?}: {body}"
+                );
+            }
+            let (_, bobs, _) = call(&h, list_orders("bob", &[])).await;
+            assert_eq!(bobs["orders"].as_array().unwrap().len(), 1);
+            assert_eq!(bobs["orders"][0]["orderId"], "o-b");
+            assert!(bobs.get("nextToken").is_none());
         }
     }
 }

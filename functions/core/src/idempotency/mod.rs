@@ -50,8 +50,9 @@ pub enum StepKey<'a> {
     Charge(&'a str),
     /// Refunding an order (compensation).
     Refund(&'a str),
-    /// A client's `Idempotency-Key` on `POST /orders`.
-    Api(&'a str),
+    /// A client's `Idempotency-Key` on `POST /orders`, scoped to the caller: two customers
+    /// who send the same key get two orders.
+    Api { customer: &'a str, key: &'a str },
 }
 
 impl fmt::Display for StepKey<'_> {
@@ -61,7 +62,13 @@ impl fmt::Display for StepKey<'_> {
             StepKey::Release(order) => write!(f, "{order}#release"),
             StepKey::Charge(order) => write!(f, "{order}#charge"),
             StepKey::Refund(order) => write!(f, "{order}#refund"),
-            StepKey::Api(key) => write!(f, "api#{key}"),
+            // The customer id (a token's `sub`) may hold `#`; escaped, it cannot run into the
+            // key, so no two (customer, key) pairs share a record.
+            StepKey::Api { customer, key } => write!(
+                f,
+                "api#{}#{key}",
+                customer.replace('%', "%25").replace('#', "%23")
+            ),
         }
     }
 }
@@ -346,7 +353,11 @@ mod tests {
         assert_eq!(StepKey::Release("o-1").to_string(), "o-1#release");
         assert_eq!(StepKey::Charge("o-1").to_string(), "o-1#charge");
         assert_eq!(StepKey::Refund("o-1").to_string(), "o-1#refund");
-        assert_eq!(StepKey::Api("k").to_string(), "api#k");
+        let api = |customer, key| StepKey::Api { customer, key }.to_string();
+        assert_eq!(api("c-1", "k"), "api#c-1#k");
+        // However the parts are cut, two different pairs never give one record id.
+        assert_ne!(api("a#b", "c"), api("a", "b#c"));
+        assert_ne!(api("a%23b", "c"), api("a#b", "c"));
     }
 
     #[test]
