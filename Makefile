@@ -17,7 +17,7 @@ ARGS ?=
 # `make test KEEP_SERVICES=1` leaves DynamoDB Local and moto running afterwards.
 KEEP_SERVICES ?=
 
-.PHONY: help setup setup-tools build run test lint fmt stop clean redrive bench
+.PHONY: help setup setup-tools build run token test lint fmt stop clean redrive bench
 
 help: ## List the targets
 	@echo "usage: make TARGET"
@@ -35,6 +35,12 @@ build: setup-tools ## sam build (an arm64 bootstrap per function in .aws-sam/bui
 
 run: setup ## Run the whole saga on 127.0.0.1:3000 (starts or reuses the local services)
 	$(CARGO) run -p local-runner --bin saga-local -- run $(ARGS)
+
+# `make token USER_NAME=bob OPERATOR=1`: an access token of a user of the local pool.
+USER_NAME ?= alice
+OPERATOR ?=
+token: setup ## Print an access token of a local user: make token [USER_NAME=bob] [OPERATOR=1]
+	@$(CARGO) run -q -p local-runner --bin saga-local -- token --user $(USER_NAME) $(if $(OPERATOR),--operator)
 
 # The debug build is the one `make test` builds too, so the two share their artifacts.
 QUEUE ?=

@@ -27,10 +27,40 @@ pub use local_runner;
 pub use saga_core;
 
 /// A request as API Gateway hands it to the order API: with the route key it matched (the
-/// handler routes on it, as behind the real gateway).
-pub fn via_gateway(req: lambda_http::Request, route_key: &str) -> lambda_http::Request {
+/// handler routes on it, as behind the real gateway) and the claims its JWT authorizer
+/// verified, of customer `sub` (with no group).
+pub fn via_gateway(req: lambda_http::Request, route_key: &str, sub: &str) -> lambda_http::Request {
+    gateway_request(req, route_key, sub, &[])
+}
+
+/// [`via_gateway`] for an operator (a member of the `operators` group).
+pub fn via_gateway_as_operator(
+    req: lambda_http::Request,
+    route_key: &str,
+    sub: &str,
+) -> lambda_http::Request {
+    gateway_request(req, route_key, sub, &["operators"])
+}
+
+fn gateway_request(
+    req: lambda_http::Request,
+    route_key: &str,
+    sub: &str,
+    groups: &[&str],
+) -> lambda_http::Request {
     let mut gw = aws_lambda_events::apigw::ApiGatewayV2httpRequestContext::default();
     gw.route_key = Some(route_key.into());
+    let mut jwt = aws_lambda_events::apigw::ApiGatewayRequestAuthorizerJwtDescription::default();
+    jwt.claims.insert("sub".into(), sub.into());
+    jwt.claims.insert("token_use".into(), "access".into());
+    if !groups.is_empty() {
+        // As API Gateway hands an array claim over: `[a b]`.
+        jwt.claims
+            .insert("cognito:groups".into(), format!("[{}]", groups.join(" ")));
+    }
+    let mut authorizer = aws_lambda_events::apigw::ApiGatewayRequestAuthorizer::default();
+    authorizer.jwt = Some(jwt);
+    gw.authorizer = Some(authorizer);
     lambda_http::RequestExt::with_request_context(
         req,
         lambda_http::request::RequestContext::ApiGatewayV2(gw),
@@ -54,10 +84,9 @@ pub fn random_basket(products: &[(String, i64)]) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// The body of `POST /orders` for a basket.
-pub fn order_request(customer: &str, basket: &[(String, u64)]) -> Value {
+/// The body of `POST /orders` for a basket (the customer is whoever's token sends it).
+pub fn order_request(basket: &[(String, u64)]) -> Value {
     json!({
-        "customerId": customer,
         "items": basket
             .iter()
             .map(|(p, q)| json!({"productId": p, "quantity": q}))
@@ -93,7 +122,18 @@ pub struct TestStack {
     pub base: String,
     pub prefix: String,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// Signed-in users of the stack's pool: access tokens by (user, operator).
+    tokens: tokio::sync::Mutex<HashMap<(String, bool), String>>,
 }
+
+/// The customer whose token [`TestStack::request`] sends unless told otherwise.
+pub const CUSTOMER: &str = "c-1";
+/// The operator whose token [`TestStack::put_product`] sends.
+pub const OPERATOR: &str = "op-1";
+
+/// The `authorization` header value that makes [`TestStack::raw_request`] send no
+/// `Authorization` header at all (an anonymous request).
+pub const ANONYMOUS: &str = "";
 
 /// A response: status, headers, JSON body (Null if the body is not JSON).
 #[derive(Debug, Clone)]
@@ -138,12 +178,14 @@ impl TestStack {
             base,
             prefix,
             http: Client::builder(TokioExecutor::new()).build_http(),
+            tokens: Default::default(),
         }
     }
 
     pub async fn stop(self) {
         let template = self.stack.template.clone();
         let clients = self.stack.clients.clone();
+        let cognito = self.stack.cognito.clone();
         self.stack.stop().await;
         let _ = local_runner::provision::delete_prefixed(
             &template,
@@ -152,8 +194,39 @@ impl TestStack {
             &clients.sqs,
         )
         .await;
+        let _ = local_runner::cognito::delete_prefixed(&template, &self.prefix, &cognito).await;
     }
 
+    /// An access token of `user` in the stack's user pool (created on first use; an operator
+    /// when `operator`), signed in through moto's InitiateAuth as a client would.
+    pub async fn token(&self, user: &str, operator: bool) -> String {
+        let mut tokens = self.tokens.lock().await;
+        if let Some(token) = tokens.get(&(user.to_string(), operator)) {
+            return token.clone();
+        }
+        let sign_in = self.stack.sign_in().expect("the template has a user pool");
+        let operators = local_runner::cognito::operators_group(&self.stack.template);
+        let groups: &[&str] = if operator { &[&operators] } else { &[] };
+        let token = sign_in
+            .sign_in(user, groups, &[&operators])
+            .await
+            .unwrap_or_else(|e| panic!("signing {user} in: {e}"))
+            .access_token;
+        tokens.insert((user.to_string(), operator), token.clone());
+        token
+    }
+
+    /// The `sub` of a user of the stack's pool: the customer id of the orders it places.
+    pub async fn subject(&self, user: &str) -> String {
+        let token = self.token(user, false).await;
+        let claims: Value = jsonwebtoken::dangerous::insecure_decode(&token)
+            .expect("a JWT")
+            .claims;
+        claims["sub"].as_str().expect("sub").to_string()
+    }
+
+    /// A request as a client sends it. Unless `headers` has an `authorization` header, it
+    /// carries customer [`CUSTOMER`]'s token; `("authorization", ANONYMOUS)` sends none.
     pub async fn raw_request(
         &self,
         method: &str,
@@ -164,7 +237,17 @@ impl TestStack {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{}", self.base, path));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        {
+            let token = self.token(CUSTOMER, false).await;
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
         for (k, v) in headers {
+            if k.eq_ignore_ascii_case("authorization") && *v == ANONYMOUS {
+                continue;
+            }
             req = req.header(*k, *v);
         }
         let resp = self
@@ -219,13 +302,15 @@ impl TestStack {
         products.iter().cloned().collect()
     }
 
+    /// Puts a product as operator [`OPERATOR`].
     pub async fn put_product(&self, id: &str, price_cents: u64, quantity: u64) {
+        let auth = format!("Bearer {}", self.token(OPERATOR, true).await);
         let r = self
             .request(
                 "PUT",
                 &format!("/products/{id}"),
                 Some(&json!({"name": id, "priceCents": price_cents, "quantity": quantity})),
-                &[],
+                &[("authorization", &auth)],
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.raw);
@@ -234,7 +319,6 @@ impl TestStack {
     /// Places an order; returns the reply (202 with the order, or an error).
     pub async fn place(&self, items: &[(&str, u64)], payment_method: Option<&str>) -> Reply {
         let mut body = json!({
-            "customerId": "c-1",
             "items": items.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect::<Vec<_>>(),
         });
         if let Some(m) = payment_method {
@@ -249,9 +333,16 @@ impl TestStack {
         r.body["orderId"].as_str().unwrap().to_string()
     }
 
+    /// An order, read as operator [`OPERATOR`] (who may read anyone's).
     pub async fn order(&self, id: &str) -> Value {
+        let auth = format!("Bearer {}", self.token(OPERATOR, true).await);
         let r = self
-            .request("GET", &format!("/orders/{id}"), None, &[])
+            .request(
+                "GET",
+                &format!("/orders/{id}"),
+                None,
+                &[("authorization", &auth)],
+            )
             .await;
         assert_eq!(r.status, 200, "{}", r.raw);
         r.body

@@ -38,6 +38,7 @@ const BINARIES: &[&str] = &["order-api", "stock", "payment", "coordinator", "swe
 /// [`every_event_file_is_shaped_as_aws_delivers_it_and_is_tested`].
 const EVENTS: &[(&str, &str)] = &[
     ("api-put-product.json", "OrderApiFunction"),
+    ("api-put-product-not-operator.json", "OrderApiFunction"),
     ("api-get-product.json", "OrderApiFunction"),
     ("api-get-product-not-found.json", "OrderApiFunction"),
     ("api-place-order.json", "OrderApiFunction"),
@@ -51,6 +52,9 @@ const EVENTS: &[(&str, &str)] = &[
     ),
     ("api-get-order.json", "OrderApiFunction"),
     ("api-get-order-not-found.json", "OrderApiFunction"),
+    ("api-get-order-other-customer.json", "OrderApiFunction"),
+    ("api-list-orders.json", "OrderApiFunction"),
+    ("api-place-order-no-authorizer.json", "OrderApiFunction"),
     ("sqs-stock-reserve.json", "StockFunction"),
     ("sqs-stock-reserve-duplicate.json", "StockFunction"),
     ("sqs-stock-reserve-rejected.json", "StockFunction"),
@@ -78,6 +82,10 @@ const EVENTS: &[(&str, &str)] = &[
     ),
     ("scheduled-sweep.json", "SweeperFunction"),
 ];
+
+/// The customer (the token's `sub`) of the API events signed in as alice, and of the orders
+/// the events read.
+const ALICE: &str = "7d8ca528-4931-4254-9273-ea5ee853f271";
 
 /// `SentTimestamp` of the events' messages, and the `cutoffMs` of the OrderTimedOut event.
 const EVENT_TIME_MS: i64 = 1_767_225_600_000;
@@ -404,7 +412,7 @@ async fn messages(t: &TestStack, queue: &str) -> Vec<Value> {
 fn order(id: &str, stock: &str, payment: &str, payment_id: Option<&str>, created_ms: i64) -> Value {
     let mut o = json!({
         "orderId": id,
-        "customerId": "c-event",
+        "customerId": ALICE,
         "status": "PENDING",
         "stockStatus": stock,
         "paymentStatus": payment,
@@ -569,7 +577,7 @@ async fn when_the_order_api_binary_gets_its_events_should_answer_each_as_the_api
     assert_eq!(headers["location"], format!("/orders/{order_id}"));
     assert_eq!(body["status"], "PENDING");
     assert_eq!(body["totalCents"], 2500);
-    assert_eq!(body["customerId"], "c-event");
+    assert_eq!(body["customerId"], ALICE, "the customer is the token's sub");
 
     // The same Idempotency-Key twice: one order, the second answer replayed.
     let (s1, _, b1) = f.http("api-place-order-idempotency-key.json").await;
@@ -617,11 +625,48 @@ async fn when_the_order_api_binary_gets_its_events_should_answer_each_as_the_api
         (status, body["error"]["code"].as_str()),
         (404, Some("NOT_FOUND"))
     );
+    // Bob asks for Alice's order: the same answer as for an order that does not exist.
+    let (status, _, theirs) = f.http("api-get-order-other-customer.json").await;
+    assert_eq!(status, 404, "{theirs}");
+    assert_eq!(
+        theirs["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("o-event-api", "X"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("o-event-missing", "X"),
+    );
+    // Alice's list: her three orders, newest first; bob's order does not show.
+    let (status, _, list) = f.http("api-list-orders.json").await;
+    assert_eq!(status, 200, "{list}");
+    let listed: BTreeSet<&str> = (list["orders"].as_array().unwrap().iter())
+        .map(|o| o["orderId"].as_str().unwrap())
+        .collect();
+    let expected = BTreeSet::from([order_id.as_str(), keyed_id.as_str(), "o-event-api"]);
+    assert_eq!(listed, expected);
+    assert!(list.get("nextToken").is_none());
+    // A customer changing a product: 403, and the product is as it was.
+    let (status, _, body) = f.http("api-put-product-not-operator.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("FORBIDDEN"))
+    );
+    let (_, _, after) = f.http("api-get-product.json").await;
+    assert_eq!(after, product);
+    // Reached without the authorizer (a route deployed without it): 401, nothing written.
+    let (status, headers, body) = f.http("api-place-order-no-authorizer.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("UNAUTHORIZED"))
+    );
+    assert_eq!(headers["www-authenticate"], "Bearer");
 
     // Each accepted order started its saga once: a reservation and a charge; the refused
     // requests sent nothing.
     let reserve = |id: &str| json!({"type": "ReserveStock", "orderId": id, "items": [{"productId": "p-event-1", "quantity": 2}]});
-    let charge = |id: &str| json!({"type": "ChargePayment", "orderId": id, "customerId": "c-event", "amountCents": 2500, "paymentMethod": "tok_visa"});
+    let charge = |id: &str| json!({"type": "ChargePayment", "orderId": id, "customerId": ALICE, "amountCents": 2500, "paymentMethod": "tok_visa"});
     let mut expected_stock = vec![reserve(&order_id), reserve(&keyed_id)];
     expected_stock.sort_by_key(|m| m.to_string());
     let mut expected_payment = vec![charge(&order_id), charge(&keyed_id)];

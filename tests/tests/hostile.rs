@@ -121,7 +121,7 @@ fn product_json(name: &str, body: Value) -> Case {
 }
 
 fn valid_order() -> Value {
-    json!({"customerId": "c-1", "items": [{"productId": "p-1", "quantity": 1}]})
+    json!({"items": [{"productId": "p-1", "quantity": 1}], "paymentMethod": "tok_visa"})
 }
 
 fn valid_product() -> Value {
@@ -144,7 +144,7 @@ fn without(mut base: Value, pointer: &str) -> Value {
 
 /// `value` spliced into JSON text as is (for numbers serde_json would not produce).
 fn raw_quantity(quantity: &str) -> String {
-    format!(r#"{{"customerId":"c-1","items":[{{"productId":"p-1","quantity":{quantity}}}]}}"#)
+    format!(r#"{{"items":[{{"productId":"p-1","quantity":{quantity}}}]}}"#)
 }
 
 fn padded(body: &Value, len: usize) -> Vec<u8> {
@@ -211,31 +211,37 @@ fn bad_requests() -> Vec<Case> {
         ("empty body", ""),
         ("whitespace only", "   \n"),
         ("unclosed object", "{"),
-        ("truncated", r#"{"customerId": "c-1","#),
+        ("truncated", r#"{"paymentMethod": "tok_visa","#),
         ("plain text", "not json"),
-        ("single quotes", "{'customerId': 'c-1'}"),
-        ("missing comma", r#"{"customerId":"c-1" "items":[]}"#),
-        ("trailing comma", r#"{"customerId":"c-1","items":[],}"#),
-        ("comment", r#"{"customerId":"c-1", /* hi */ "items":[]}"#),
+        ("single quotes", "{'paymentMethod': 'tok_visa'}"),
         (
-            "NaN",
-            r#"{"customerId":"c-1","items":[{"productId":"p-1","quantity":NaN}]}"#,
+            "missing comma",
+            r#"{"paymentMethod":"tok_visa" "items":[]}"#,
         ),
         (
+            "trailing comma",
+            r#"{"paymentMethod":"tok_visa","items":[],}"#,
+        ),
+        (
+            "comment",
+            r#"{"paymentMethod":"tok_visa", /* hi */ "items":[]}"#,
+        ),
+        ("NaN", r#"{"items":[{"productId":"p-1","quantity":NaN}]}"#),
+        (
             "trailing garbage",
-            r#"{"customerId":"c-1","items":[{"productId":"p-1","quantity":1}]} x"#,
+            r#"{"items":[{"productId":"p-1","quantity":1}]} x"#,
         ),
         (
             "two objects",
-            r#"{"customerId":"c-1","items":[{"productId":"p-1","quantity":1}]}{"customerId":"c-1","items":[{"productId":"p-1","quantity":1}]}"#,
+            r#"{"items":[{"productId":"p-1","quantity":1}]}{"items":[{"productId":"p-1","quantity":1}]}"#,
         ),
         (
             "lone surrogate escape",
-            r#"{"customerId":"c-\ud800","items":[{"productId":"p-1","quantity":1}]}"#,
+            r#"{"paymentMethod":"tok-\ud800","items":[{"productId":"p-1","quantity":1}]}"#,
         ),
         (
             "raw control character in a string",
-            "{\"customerId\":\"c-\u{1}\",\"items\":[{\"productId\":\"p-1\",\"quantity\":1}]}",
+            "{\"paymentMethod\":\"tok-\u{1}\",\"items\":[{\"productId\":\"p-1\",\"quantity\":1}]}",
         ),
     ] {
         cases.push(order_case(name, body, "MALFORMED_JSON"));
@@ -248,7 +254,7 @@ fn bad_requests() -> Vec<Case> {
     ));
     cases.push(order_case(
         "invalid UTF-8 inside a string",
-        b"{\"customerId\":\"c-\xc3\x28\",\"items\":[{\"productId\":\"p-1\",\"quantity\":1}]}"
+        b"{\"paymentMethod\":\"tok-\xc3\x28\",\"items\":[{\"productId\":\"p-1\",\"quantity\":1}]}"
             .to_vec(),
         "MALFORMED_JSON",
     ));
@@ -270,9 +276,9 @@ fn bad_requests() -> Vec<Case> {
         "INVALID_REQUEST",
     ));
     cases.push(order_case(
-        "deeply nested objects as the customer id",
+        "deeply nested objects as the payment method",
         format!(
-            r#"{{"customerId":{}1{}}}"#,
+            r#"{{"paymentMethod":{}1{}}}"#,
             r#"{"a":"#.repeat(2_000),
             "}".repeat(2_000)
         ),
@@ -281,7 +287,7 @@ fn bad_requests() -> Vec<Case> {
     cases.push(order_case(
         "deeply nested arrays as the items",
         format!(
-            r#"{{"customerId":"c-1","items":{}{}}}"#,
+            r#"{{"paymentMethod":"tok_visa","items":{}{}}}"#,
             "[".repeat(depth),
             "]".repeat(depth)
         ),
@@ -302,20 +308,27 @@ fn bad_requests() -> Vec<Case> {
     // order; the API requires objects (`domain::ObjectOnly`), so these are refused.
     cases.push(order_case(
         "an array in field order",
-        r#"["c-1",[{"productId":"p-1","quantity":1}]]"#,
+        r#"[[{"productId":"p-1","quantity":1}],"tok_visa"]"#,
         "INVALID_REQUEST",
     ));
     cases.push(order_json(
         "items given as arrays in field order",
-        json!({"customerId": "c-1", "items": [["p-1", 1]]}),
+        json!({"items": [["p-1", 1]]}),
         "INVALID_REQUEST",
     ));
 
     // Wrong types.
     for (name, pointer, value) in [
-        ("customerId a number", "/customerId", json!(1)),
-        ("customerId null", "/customerId", Value::Null),
-        ("customerId an object", "/customerId", json!({"id": "c-1"})),
+        (
+            "paymentMethod an array",
+            "/paymentMethod",
+            json!(["tok_visa"]),
+        ),
+        (
+            "paymentMethod an object",
+            "/paymentMethod",
+            json!({"id": "tok_visa"}),
+        ),
         ("items a string", "/items", json!("p-1")),
         ("items an object", "/items", json!({"productId": "p-1"})),
         ("items null", "/items", Value::Null),
@@ -333,13 +346,12 @@ fn bad_requests() -> Vec<Case> {
     }
     cases.push(order_json(
         "paymentMethod a number",
-        json!({"customerId": "c-1", "items": [{"productId": "p-1", "quantity": 1}], "paymentMethod": 5}),
+        json!({"items": [{"productId": "p-1", "quantity": 1}], "paymentMethod": 5}),
         "INVALID_REQUEST",
     ));
 
     // Missing fields.
     for (name, pointer) in [
-        ("no customerId", "/customerId"),
         ("no items", "/items"),
         ("an item without productId", "/items/0/productId"),
         ("an item without quantity", "/items/0/quantity"),
@@ -359,8 +371,8 @@ fn bad_requests() -> Vec<Case> {
         item_extra,
         "INVALID_REQUEST",
     ));
-    let mut miscased = without(v(), "/customerId");
-    miscased["CustomerId"] = json!("c-1");
+    let mut miscased = without(v(), "/paymentMethod");
+    miscased["PaymentMethod"] = json!("tok_visa");
     cases.push(order_json(
         "a field in the wrong case",
         miscased,
@@ -368,7 +380,7 @@ fn bad_requests() -> Vec<Case> {
     ));
     cases.push(order_case(
         "a duplicated field",
-        r#"{"customerId":"c-1","customerId":"c-2","items":[{"productId":"p-1","quantity":1}]}"#,
+        r#"{"paymentMethod":"tok_visa","paymentMethod":"tok_amex","items":[{"productId":"p-1","quantity":1}]}"#,
         "INVALID_REQUEST",
     ));
 
@@ -432,12 +444,21 @@ fn bad_requests() -> Vec<Case> {
         "UNKNOWN_PRODUCT",
     ));
 
+    // The customer is the token's `sub`: a customer id in the body is an unknown field,
+    // refused whatever its value (nobody orders in another's name).
+    for customer in [json!("c-2"), json!(""), json!(1), Value::Null] {
+        let mut body = v();
+        body["customerId"] = customer.clone();
+        cases.push(order_json(
+            &format!("a customerId {customer} in the body"),
+            body,
+            "INVALID_REQUEST",
+        ));
+    }
+
     // Ids in the body.
     let too_long = "x".repeat(domain::MAX_ID_LEN + 1);
-    for (what, pointer) in [
-        ("customerId", "/customerId"),
-        ("productId", "/items/0/productId"),
-    ] {
+    for (what, pointer) in [("productId", "/items/0/productId")] {
         for (how, id) in [
             ("empty", String::new()),
             ("too long", too_long.clone()),
@@ -664,6 +685,8 @@ async fn when_a_request_is_bad_should_answer_4xx_with_a_json_error_and_write_not
     let mut before = before;
     let mut failures = Vec::new();
     let cases = bad_requests();
+    // The product routes are the operators'; a customer's bad body would be a 403.
+    let operator = format!("Bearer {}", t.token(saga_tests::OPERATOR, true).await);
     for (i, c) in cases.iter().enumerate() {
         // Each POST twice: without and with an Idempotency-Key (no key may be written either).
         let key = format!("hostile-{i}");
@@ -674,6 +697,9 @@ async fn when_a_request_is_bad_should_answer_4xx_with_a_json_error_and_write_not
         };
         for key in keys {
             let mut headers = Vec::new();
+            if c.path.starts_with("/products") {
+                headers.push(("authorization", operator.as_str()));
+            }
             if let Some(ct) = c.content_type {
                 headers.push(("content-type", ct));
             }
@@ -757,9 +783,17 @@ async fn when_the_gateway_has_no_route_should_answer_404_and_write_nothing() {
         assert_eq!(r.status, 404, "{method} {path}: {}", r.raw);
         assert_eq!(r.body, json!({"message": "Not Found"}), "{method} {path}");
     }
-    // GET on /orders is a route the function refuses by method.
-    let r = t.request("GET", "/orders", None, &[]).await;
-    assert!(r.status == 404 || r.status == 405, "{}", r.raw);
+    // A route without a token: the gateway's 401, before the function.
+    let r = t
+        .request(
+            "GET",
+            "/orders",
+            None,
+            &[("authorization", saga_tests::ANONYMOUS)],
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", r.raw);
+    assert_eq!(r.body, json!({"message": "Unauthorized"}));
     assert_eq!(snapshot(&t).await, before);
     t.stop().await;
 }
@@ -795,8 +829,14 @@ async fn when_a_product_id_is_a_route_word_should_still_be_served() {
     let t = TestStack::start_paused().await;
     // Regression guard: a product or order id that is also a route word is an id like any
     // other (the gateway matches `{productId}` / `{orderId}`, the handler routes on the key).
+    let operator = format!("Bearer {}", t.token(saga_tests::OPERATOR, true).await);
     let r = t
-        .request("PUT", "/products/orders", Some(&valid_product()), &[])
+        .request(
+            "PUT",
+            "/products/orders",
+            Some(&valid_product()),
+            &[("authorization", &operator)],
+        )
         .await;
     assert_eq!(r.status, 200, "PUT /products/orders: {}", r.raw);
     let r = t.request("GET", "/products/orders", None, &[]).await;
@@ -902,7 +942,6 @@ fn arb_order() -> impl Strategy<Value = Value> {
     let valid_item = (prop_oneof![Just("p-1"), Just("p-2")], 1u64..=3)
         .prop_map(|(p, q)| json!({"productId": p, "quantity": q}));
     (
-        prop_oneof![1 => arb_text(), 2 => Just("c-1".to_string())],
         prop_oneof![
             2 => prop::collection::vec(valid_item, 1..2),
             1 => prop::collection::vec(item, 0..30),
@@ -910,8 +949,8 @@ fn arb_order() -> impl Strategy<Value = Value> {
         prop::option::of(arb_text()),
         prop::option::weighted(0.2, (arb_key(), arb_json())),
     )
-        .prop_map(|(customer, items, method, extra)| {
-            let mut o = json!({"customerId": customer, "items": items});
+        .prop_map(|(items, method, extra)| {
+            let mut o = json!({"items": items});
             if let Some(m) = method {
                 o["paymentMethod"] = json!(m);
             }
@@ -1054,9 +1093,15 @@ fn api_request(input: &ApiInput) -> Option<lambda_http::Request> {
     let mut ctx = Context::default();
     ctx.deadline = (saga_core::time::now_ms() + 5_000) as u64;
     let mut request = builder.body(body).ok()?.with_lambda_context(ctx);
-    // What API Gateway adds: the route it matched, and the path parameters it extracted.
+    // What API Gateway adds: the route it matched, the path parameters it extracted and the
+    // caller's claims (an operator on the product routes, so that bodies reach validation).
     if let Some((route_key, params)) = gateway_route(input.method, &input.path) {
-        request = saga_tests::via_gateway(request, &route_key).with_path_parameters(params);
+        request = if route_key.contains("/products/") {
+            saga_tests::via_gateway_as_operator(request, &route_key, "op-hostile")
+        } else {
+            saga_tests::via_gateway(request, &route_key, "c-hostile")
+        }
+        .with_path_parameters(params);
     }
     Some(request)
 }

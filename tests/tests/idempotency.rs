@@ -62,10 +62,11 @@ fn counted_store(t: &TestStack) -> (DynamoIdempotency, OpCounter) {
     )
 }
 
-/// The step a stored key names (`o-1#charge`, `api#k`).
+/// The step a stored key names (`o-1#charge`, `api#{customer}#k`).
 fn step(key: &str) -> StepKey<'_> {
-    if let Some(k) = key.strip_prefix("api#") {
-        return StepKey::Api(k);
+    if let Some(rest) = key.strip_prefix("api#") {
+        let (customer, key) = rest.split_once('#').expect("api#customer#key");
+        return StepKey::Api { customer, key };
     }
     match key.rsplit_once('#').expect("order#step") {
         (order, "charge") => StepKey::Charge(order),
@@ -125,7 +126,12 @@ async fn stored(t: &TestStack, key: &str) -> Option<IdempotencyRecord> {
 }
 
 fn order_body(product: &str, quantity: u64) -> Value {
-    json!({"customerId": "c-idem", "items": [{"productId": product, "quantity": quantity}]})
+    json!({"items": [{"productId": product, "quantity": quantity}]})
+}
+
+/// The record id of `key` sent by the stack's default customer (the one `post` signs in as).
+async fn api_key(t: &TestStack, key: &str) -> String {
+    format!("api#{}#{key}", t.subject(saga_tests::CUSTOMER).await)
 }
 
 async fn post(t: &TestStack, body: &Value, key: Option<&str>) -> Reply {
@@ -636,7 +642,7 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
 
     // Explicit takeovers of one expired holder: one wins.
     s.claim(
-        &claim_req(step("api#race"), "h", now - 1_000, false),
+        &claim_req(step("api#c-race#race"), "h", now - 1_000, false),
         now - 2_000,
     )
     .await
@@ -644,7 +650,7 @@ async fn when_twenty_claims_race_for_one_key_should_acquire_exactly_once() {
     let takers = (0..20).map(|i| {
         let s = s.clone();
         tokio::spawn(async move {
-            s.take_over(step("api#race"), now - 1_000, now + 60_000 + i)
+            s.take_over(step("api#c-race#race"), now - 1_000, now + 60_000 + i)
                 .await
                 .unwrap()
         })
@@ -673,9 +679,7 @@ async fn when_a_post_is_retried_with_the_same_key_and_body_should_replay_the_fir
     let id = order_id(&first);
 
     // The same body, written differently (key order, whitespace), is the same request.
-    let reordered =
-        r#"  { "items" : [ { "quantity": 2, "productId": "p-i1" } ], "customerId": "c-idem" } "#
-            .to_string();
+    let reordered = r#"  { "items" : [ { "quantity": 2, "productId": "p-i1" } ] } "#.to_string();
     let retry = t
         .raw_request(
             "POST",
@@ -719,7 +723,7 @@ async fn when_a_post_is_retried_with_the_same_key_and_body_should_replay_the_fir
     assert_eq!(charges, 1);
     let records = t.idempotency_records().await;
     assert_eq!(api_records(&records), 1);
-    assert!(records["api#key-replay-1"].contains(&id));
+    assert!(records[&api_key(&t, "key-replay-1").await].contains(&id));
     t.stop().await;
 }
 
@@ -733,8 +737,7 @@ async fn when_a_key_is_reused_with_another_body_should_answer_422_and_create_not
     for other in [
         order_body("p-i2", 2),
         order_body("p-i2b", 1),
-        json!({"customerId": "c-other", "items": [{"productId": "p-i2", "quantity": 1}]}),
-        json!({"customerId": "c-idem", "items": [{"productId": "p-i2", "quantity": 1}], "paymentMethod": "tok_mastercard"}),
+        json!({"items": [{"productId": "p-i2", "quantity": 1}], "paymentMethod": "tok_mastercard"}),
     ] {
         let r = post(&t, &other, Some("key-reuse-1")).await;
         assert_error(&r, 422, "IDEMPOTENCY_KEY_REUSED");
@@ -761,7 +764,7 @@ async fn when_the_request_holding_a_key_is_still_running_should_answer_409_and_c
         store(&t)
             .claim(
                 &ClaimRequest {
-                    key: step("api#key-busy-1"),
+                    key: step(&api_key(&t, "key-busy-1").await),
                     payload_hash: &hash,
                     in_progress_until_ms: now + 120_000,
                     ttl: API_KEY_TTL,
@@ -782,7 +785,7 @@ async fn when_the_request_holding_a_key_is_still_running_should_answer_409_and_c
     assert_eq!(order_count(&t).await, 0);
     assert_eq!(t.queue_depth("StockQueue").await, 0);
     assert_eq!(t.queue_depth("PaymentQueue").await, 0);
-    let record = stored(&t, "api#key-busy-1").await.unwrap();
+    let record = stored(&t, &api_key(&t, "key-busy-1").await).await.unwrap();
     assert_eq!(record.in_progress_until_ms, Some(now + 120_000));
     t.stop().await;
 }
@@ -827,8 +830,14 @@ async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_a
     let request: PlaceOrderRequest = serde_json::from_value(body.clone()).unwrap();
     let now = now_ms();
     // What a request that died after its transaction left behind: the order and the claim.
-    let order =
-        domain::price_order("o-abandoned-1".into(), &request, |_| Some(400), now - 5_000).unwrap();
+    let order = domain::price_order(
+        "o-abandoned-1".into(),
+        &t.subject(saga_tests::CUSTOMER).await,
+        &request,
+        |_| Some(400),
+        now - 5_000,
+    )
+    .unwrap();
     DynamoOrders::new(
         t.stack.clients.dynamodb.clone(),
         t.stack.table("OrdersTable"),
@@ -840,7 +849,7 @@ async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_a
     store(&t)
         .claim(
             &ClaimRequest {
-                key: step("api#key-crashed-1"),
+                key: step(&api_key(&t, "key-crashed-1").await),
                 payload_hash: &hash,
                 in_progress_until_ms: now - 1_000,
                 ttl: API_KEY_TTL,
@@ -861,7 +870,9 @@ async fn when_a_key_was_left_in_progress_past_its_deadline_should_take_it_over_a
     assert_eq!(o["totalCents"], 1200);
     assert_eq!(t.product_quantity("p-i5").await, 7);
     assert_eq!(order_count(&t).await, 1, "no second order");
-    let record = stored(&t, "api#key-crashed-1").await.unwrap();
+    let record = stored(&t, &api_key(&t, "key-crashed-1").await)
+        .await
+        .unwrap();
     assert_eq!(record.status, Status::Completed);
     let replay = post(&t, &body, Some("key-crashed-1")).await;
     assert_eq!(replay.status, 202);
@@ -901,13 +912,14 @@ async fn when_the_api_crashed_after_its_write_should_let_the_retry_finish_the_sa
     let req = saga_tests::via_gateway(
         lambda_http::RequestExt::with_lambda_context(req, ctx),
         "POST /orders",
+        &t.subject(saga_tests::CUSTOMER).await,
     );
     let crashed = crashing.handle(req).await.unwrap();
     assert_eq!(crashed.status(), 500);
     let orders = t.scan("OrdersTable").await;
     assert_eq!(orders.len(), 1, "the crash came after the write");
     let written = orders[0]["orderId"].as_s().unwrap().clone();
-    let held = stored(&t, "api#key-crash-2").await.unwrap();
+    let held = stored(&t, &api_key(&t, "key-crash-2").await).await.unwrap();
     assert_eq!(held.status, Status::InProgress);
     assert_eq!(
         held.in_progress_until_ms,
@@ -960,6 +972,7 @@ async fn when_sending_the_saga_messages_failed_should_let_the_next_retry_finish_
         .handle(saga_tests::via_gateway(
             lambda_http::RequestExt::with_lambda_context(req, ctx),
             "POST /orders",
+            &t.subject(saga_tests::CUSTOMER).await,
         ))
         .await
         .unwrap();
@@ -968,7 +981,9 @@ async fn when_sending_the_saga_messages_failed_should_let_the_next_retry_finish_
     assert_eq!(written.len(), 1);
     let written = written[0]["orderId"].as_s().unwrap().clone();
     // The claim was made expired at once, although its invocation had a minute left.
-    let record = stored(&t, "api#key-send-failed-1").await.unwrap();
+    let record = stored(&t, &api_key(&t, "key-send-failed-1").await)
+        .await
+        .unwrap();
     assert_eq!(record.status, Status::InProgress);
     assert!(record.in_progress_until_ms.unwrap() < now_ms());
 
@@ -1021,7 +1036,7 @@ async fn when_a_key_has_outlived_its_24_hours_should_start_a_new_order() {
     store(&t)
         .put_completed(
             &completed(
-                step("api#key-old-1"),
+                step(&api_key(&t, "key-old-1").await),
                 &hash,
                 &stale.to_string(),
                 API_KEY_TTL,
@@ -1035,7 +1050,7 @@ async fn when_a_key_has_outlived_its_24_hours_should_start_a_new_order() {
     assert_ne!(order_id(&r), "o-yesterday");
     assert!(!r.headers.contains_key("idempotent-replayed"));
     assert_eq!(order_count(&t).await, 1);
-    let record = stored(&t, "api#key-old-1").await.unwrap();
+    let record = stored(&t, &api_key(&t, "key-old-1").await).await.unwrap();
     assert_eq!(record.order_id.as_deref(), Some(order_id(&r).as_str()));
     assert!(record.expires_at > now_ms() / 1000 + 23 * 3600);
     // The renewed key now belongs to the new request: another body is a reuse.

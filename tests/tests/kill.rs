@@ -85,18 +85,23 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A plain HTTP client that reports a dead server as an error rather than panicking.
+/// A plain HTTP client that reports a dead server as an error rather than panicking. It
+/// sends a customer's token, or an operator's for `PUT`.
 #[derive(Clone)]
 struct Http {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    customer: String,
+    operator: String,
 }
 
 impl Http {
-    fn new(port: u16) -> Self {
+    fn new(port: u16, customer: String, operator: String) -> Self {
         Self {
             base: format!("http://127.0.0.1:{port}"),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            customer,
+            operator,
         }
     }
 
@@ -111,6 +116,12 @@ impl Http {
             .method(method)
             .uri(format!("{}{}", self.base, path))
             .header("content-type", "application/json");
+        let token = if method == "PUT" {
+            &self.operator
+        } else {
+            &self.customer
+        };
+        req = req.header("authorization", format!("Bearer {token}"));
         if let Some(key) = key {
             req = req.header("idempotency-key", key);
         }
@@ -242,7 +253,12 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     let port = free_port();
     let logs = [1, 2].map(|n| std::env::temp_dir().join(format!("saga-kill-{prefix}{n}.log")));
     let mut runner = Runner::start(&bin, &prefix, port, &logs[0]);
-    let http = Http::new(port);
+    // The runner verifies tokens of the pool the reader provisioned on the same prefix.
+    let http = Http::new(
+        port,
+        reader.token(saga_tests::CUSTOMER, false).await,
+        reader.token(saga_tests::OPERATOR, true).await,
+    );
     http.wait_ready(&mut runner).await;
 
     let products = saga_tests::catalogue("p-kill", 4, 20, 10);
@@ -263,7 +279,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
     let placement = Arc::new(Placement::default());
     let started = Instant::now();
     let bodies: Vec<Value> = (0..ORDERS)
-        .map(|_| saga_tests::order_request("c-kill", &saga_tests::random_basket(&products)))
+        .map(|_| saga_tests::order_request(&saga_tests::random_basket(&products)))
         .collect();
     let pacer = Pacer::new(&reader, BACKLOG_BOUND);
     let placing = {

@@ -410,7 +410,6 @@ fn lookup(t: &TestStack, function: &str) -> impl Fn(&str) -> Option<String> + us
 
 fn order_body(items: &[(&str, u64)], payment_method: Option<&str>) -> Value {
     let mut body = json!({
-        "customerId": "c-lp",
         "items": items.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect::<Vec<_>>(),
     });
     if let Some(m) = payment_method {
@@ -424,8 +423,15 @@ async fn post_with_key(t: &TestStack, body: &Value, key: &str) -> saga_tests::Re
         .await
 }
 
-/// `POST /orders` with an `Idempotency-Key`, straight to an API handler, with a deadline.
-async fn post_to(handler: &ApiHandler, body: &Value, key: &str, deadline_ms: i64) -> u16 {
+/// `POST /orders` with an `Idempotency-Key`, straight to an API handler, with a deadline, as
+/// customer `sub`.
+async fn post_to(
+    handler: &ApiHandler,
+    body: &Value,
+    key: &str,
+    deadline_ms: i64,
+    sub: &str,
+) -> u16 {
     let mut ctx = lambda_runtime::Context::default();
     ctx.deadline = deadline_ms as u64;
     let req = http::Request::builder()
@@ -436,7 +442,7 @@ async fn post_to(handler: &ApiHandler, body: &Value, key: &str, deadline_ms: i64
         .body(lambda_http::Body::Text(body.to_string()))
         .unwrap();
     let req = lambda_http::RequestExt::with_lambda_context(req, ctx);
-    let req = saga_tests::via_gateway(req, "POST /orders");
+    let req = saga_tests::via_gateway(req, "POST /orders", sub);
     handler.handle(req).await.unwrap().status().as_u16()
 }
 
@@ -517,6 +523,11 @@ async fn record_every_path() -> BTreeMap<Access, u64> {
     let r = t.place(&[("p-lp-none", 1)], None).await;
     assert_eq!(r.status, 400, "{}", r.raw);
     assert_eq!(r.body["error"]["code"], "UNKNOWN_PRODUCT", "{}", r.raw);
+    // The customer's own list, a page at a time (the customer-orders index).
+    let page = t.request("GET", "/orders?limit=2", None, &[]).await;
+    assert_eq!(page.status, 200, "{}", page.raw);
+    assert_eq!(page.body["orders"].as_array().map(Vec::len), Some(2));
+    assert!(page.body["nextToken"].is_string());
 
     // An Idempotency-Key: placed, replayed, reused with another body.
     let keyed_body = order_body(&[("p-lp-ok", 1)], None);
@@ -530,6 +541,8 @@ async fn record_every_path() -> BTreeMap<Access, u64> {
     let api = "OrderApiFunction";
     let api_clients = t.stack.function_clients[api].clone();
     let api_config = OrderApiConfig::load(&lookup(&t, api)).unwrap();
+    // The customer whose token `post_with_key` sends.
+    let customer = t.subject(saga_tests::CUSTOMER).await;
 
     // The API dies after its transaction (the fault point after a write): the key is left in
     // progress until the request's deadline, and a retry after it takes the key over and
@@ -542,10 +555,17 @@ async fn record_every_path() -> BTreeMap<Access, u64> {
     );
     let deadline = now_ms() + 1_000;
     assert_eq!(
-        post_to(&crashing, &crashed_body, "lp-key-crash", deadline).await,
+        post_to(
+            &crashing,
+            &crashed_body,
+            "lp-key-crash",
+            deadline,
+            &customer
+        )
+        .await,
         500
     );
-    let held = idempotency_record(&t, "api#lp-key-crash")
+    let held = idempotency_record(&t, &format!("api#{customer}#lp-key-crash"))
         .await
         .expect("the claim");
     assert_eq!(held.status, Status::InProgress);
@@ -575,12 +595,13 @@ async fn record_every_path() -> BTreeMap<Access, u64> {
             &failing_send,
             &send_failed_body,
             "lp-key-send-failed",
-            now_ms() + 60_000
+            now_ms() + 60_000,
+            &customer,
         )
         .await,
         503
     );
-    let record = idempotency_record(&t, "api#lp-key-send-failed")
+    let record = idempotency_record(&t, &format!("api#{customer}#lp-key-send-failed"))
         .await
         .expect("the claim");
     assert_eq!(record.status, Status::InProgress);
@@ -756,6 +777,8 @@ fn when_driving_every_path_should_record_each_functions_calls() {
         ("PaymentFunction", "sqs:DeleteMessage", "PaymentQueue"),
         ("CoordinatorFunction", "sqs:ReceiveMessage", "CoordinatorQueue"),
         ("CoordinatorFunction", "sqs:DeleteMessage", "CoordinatorQueue"),
+        // The customer's order list queries the customer-orders index.
+        ("OrderApiFunction", "dynamodb:Query", "OrdersTable/index/CustomerOrdersIndex"),
         // The sweeper queries the pending-orders index.
         ("SweeperFunction", "dynamodb:Query", "OrdersTable/index/PendingOrdersIndex"),
     ];

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use local_runner::stack::FunctionConfig;
-use local_runner::template::{DimensionValue, FunctionSpec, Template};
+use local_runner::template::{DimensionValue, EnvValue, FunctionSpec, JwtAuthorizerSpec, Template};
 use saga_core::config::{
     ConfigError, CoordinatorConfig, Lookup, OrderApiConfig, PaymentConfig, StockConfig,
     SweeperConfig,
@@ -130,6 +130,7 @@ fn check(text: &str) -> Problems {
     };
     check_event_sources(&template, &mut problems);
     check_routes(&template, &mut problems);
+    check_auth(&template, &readme_text(), &mut problems);
     check_queues(&template, &mut problems);
     check_configurations(&mut problems);
     for f in &template.functions {
@@ -151,11 +152,7 @@ fn check_routes(template: &Template, problems: &mut Problems) {
         .iter()
         .filter(|f| f.binary == "order-api")
     {
-        let declared: BTreeSet<String> = f
-            .http_routes
-            .iter()
-            .map(|(method, path)| format!("{method} {path}"))
-            .collect();
+        let declared: BTreeSet<String> = f.http_routes.iter().map(|r| r.route_key()).collect();
         for route in declared.difference(&served) {
             problems.push(format!(
                 "{}: route {route} reaches the function, whose handler does not serve it",
@@ -166,6 +163,113 @@ fn check_routes(template: &Template, problems: &mut Problems) {
             problems.push(format!(
                 "{}: the handler serves {route}, but no event of the function routes it",
                 f.logical_id
+            ));
+        }
+    }
+}
+
+fn readme_text() -> String {
+    std::fs::read_to_string(repo().join("README.md")).expect("README.md")
+}
+
+/// The routes the README's "public route" table names, as route keys.
+fn readme_public_routes(readme: &str) -> BTreeSet<String> {
+    readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| public route |"))
+        .skip(2) // the header and its separator
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('`').nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Who may call what:
+/// - every route of the order API has the JWT authorizer, except the public ones; the public
+///   ones are exactly those the README names (with its reasons) and those the handler serves
+///   without a caller (`PUBLIC_ROUTES`);
+/// - each authorizer's issuer and audiences come from the template itself: its own user pool
+///   and app client (`!Sub ...${Pool}`, `!Ref Client`), or a parameter's value.
+fn check_auth(template: &Template, readme: &str, problems: &mut Problems) {
+    let named = readme_public_routes(readme);
+    let handler_public: BTreeSet<String> = (saga_core::handlers::api::PUBLIC_ROUTES.iter())
+        .map(|r| r.to_string())
+        .collect();
+    if named.is_empty() {
+        problems.push("the README's \"public route\" table is missing or empty".into());
+    }
+    for f in (template.functions.iter()).filter(|f| f.binary == "order-api") {
+        let mut public = BTreeSet::new();
+        for route in &f.http_routes {
+            let key = route.route_key();
+            match template.route_authorizer(route) {
+                Err(e) => problems.push(format!("{}: {e}", f.logical_id)),
+                Ok(None) => {
+                    public.insert(key);
+                }
+                Ok(Some(authorizer)) => check_issuer(template, &key, authorizer, problems),
+            }
+        }
+        for route in public.difference(&named) {
+            problems.push(format!(
+                "{}: route {route} has no authorizer, but the README does not name it public",
+                f.logical_id
+            ));
+        }
+        for route in named.difference(&public) {
+            problems.push(format!(
+                "{}: the README names {route} public, but the template gives it an authorizer",
+                f.logical_id
+            ));
+        }
+        if public != handler_public {
+            problems.push(format!(
+                "{}: the template's public routes {public:?} are not the handler's PUBLIC_ROUTES {handler_public:?}",
+                f.logical_id
+            ));
+        }
+    }
+}
+
+fn check_issuer(
+    template: &Template,
+    route: &str,
+    authorizer: &JwtAuthorizerSpec,
+    problems: &mut Problems,
+) {
+    let is_parameter_value = |value: &str| {
+        !value.is_empty()
+            && (template.parameters.keys()).any(|p| template.parameter_value(p) == Some(value))
+    };
+    let pools: BTreeSet<&str> = (template.user_pools.iter())
+        .map(|p| p.logical_id.as_str())
+        .collect();
+    let issuer_pool = match &authorizer.issuer {
+        EnvValue::Sub(text) => pools.iter().copied().find(|pool| {
+            *text == format!("https://cognito-idp.${{AWS::Region}}.amazonaws.com/${{{pool}}}")
+        }),
+        _ => None,
+    };
+    let issuer_ok = issuer_pool.is_some()
+        || matches!(&authorizer.issuer, EnvValue::Literal(v) if is_parameter_value(v));
+    if !issuer_ok {
+        problems.push(format!(
+            "route {route}: the issuer {:?} is neither the template's own user pool nor a parameter's value",
+            authorizer.issuer
+        ));
+    }
+    if authorizer.audience.is_empty() {
+        problems.push(format!("route {route}: the authorizer accepts no audience"));
+    }
+    for audience in &authorizer.audience {
+        let ok = match audience {
+            EnvValue::Ref(client) => (template.user_pool_clients.iter())
+                .any(|c| &c.logical_id == client && Some(c.user_pool.as_str()) == issuer_pool),
+            EnvValue::Literal(v) => issuer_pool.is_none() && is_parameter_value(v),
+            _ => false,
+        };
+        if !ok {
+            problems.push(format!(
+                "route {route}: the audience {audience:?} is neither an app client of the issuer's user pool nor a parameter's value"
             ));
         }
     }
@@ -509,4 +613,97 @@ fn when_linting_the_template_should_pass_cfn_lint_and_sam_validate() {
         "template.yaml",
     ]);
     run_tool(validate, "sam validate --lint");
+}
+
+#[test]
+fn when_another_issuer_is_given_should_trust_its_tokens_and_create_no_user_pool() {
+    let overrides = [
+        ("OidcIssuerUrl", "https://example.eu.auth0.com/"),
+        ("OidcAudience", "https://orders.example.com"),
+    ];
+    let template = Template::from_str(&real_template_text())
+        .unwrap()
+        .with_parameter_overrides(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .unwrap();
+    assert!(template.user_pools.is_empty() && template.user_pool_clients.is_empty());
+    assert!(template.user_pool_groups.is_empty());
+    let api = template.function("OrderApiFunction").unwrap();
+    let route = api
+        .http_routes
+        .iter()
+        .find(|r| r.path == "/orders")
+        .unwrap();
+    let authorizer = template.route_authorizer(route).unwrap().unwrap();
+    assert_eq!(
+        authorizer.issuer,
+        EnvValue::Literal("https://example.eu.auth0.com/".into())
+    );
+    assert_eq!(
+        authorizer.audience,
+        [EnvValue::Literal("https://orders.example.com".into())]
+    );
+    let mut problems = Problems::new();
+    check_auth(&template, &readme_text(), &mut problems);
+    assert!(problems.is_empty(), "{}", report(&problems));
+    // By default: the stack's own pool and client.
+    let template = Template::from_str(&real_template_text()).unwrap();
+    let authorizer = template.route_authorizer(route).unwrap().unwrap();
+    assert_eq!(
+        authorizer.audience,
+        [EnvValue::Ref("UserPoolClient".into())]
+    );
+    assert_eq!(template.user_pool_groups[0].group_name, "operators");
+}
+
+#[test]
+fn when_an_issuer_or_audience_is_written_out_should_report_it() {
+    let text = mutated(
+        "- !If [CreateUserPool, !Ref UserPoolClient, !Ref OidcAudience]",
+        "- !If [CreateUserPool, hard-coded-client-id, !Ref OidcAudience]",
+        None,
+    );
+    assert_reported(&text, &["audience", "hard-coded-client-id"]);
+    let text = mutated(
+        "- !Sub https://cognito-idp.${AWS::Region}.amazonaws.com/${UserPool}",
+        "- https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Hardcoded",
+        Some("JwtConfiguration:"),
+    );
+    assert_reported(&text, &["issuer", "us-east-1_Hardcoded"]);
+}
+
+#[test]
+fn when_a_route_is_public_without_the_readme_saying_so_should_report_it() {
+    // The catalogue route loses `Authorizer: NONE`: the README still names it public.
+    let text = mutated(
+        "            Auth:\n              Authorizer: NONE\n",
+        "",
+        Some("  OrderApiFunction:"),
+    );
+    assert_reported(
+        &text,
+        &[
+            "GET /products/{productId}",
+            "README names",
+            "gives it an authorizer",
+        ],
+    );
+    // Changing a product becomes public.
+    let text = mutated(
+        "            Path: /products/{productId}\n            PayloadFormatVersion: \"2.0\"\n",
+        "            Path: /products/{productId}\n            PayloadFormatVersion: \"2.0\"\n            Auth:\n              Authorizer: NONE\n",
+        Some("        PutProduct:"),
+    );
+    assert_reported(
+        &text,
+        &[
+            "PUT /products/{productId}",
+            "no authorizer",
+            "does not name it public",
+        ],
+    );
 }

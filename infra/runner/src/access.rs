@@ -329,7 +329,7 @@ mod tests {
             queue_urls: [("StockQueue", "http://sqs/000/t1-StockQueue")]
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .into(),
-            queue_arns: BTreeMap::new(),
+            ..LocalNames::default()
         }
     }
 

@@ -2,6 +2,7 @@
 //! template's routes, turn it into an API Gateway HTTP API (payload format 2.0) event, and
 //! give it to the order API handler, exactly as Lambda would.
 
+use crate::authorizer::JwtAuthorizer;
 use crate::pacing::FunctionTimeout;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -31,11 +32,13 @@ pub type HttpFunction = Arc<
 >;
 
 /// A route of the HTTP API: method (or `ANY`) and path template such as `/orders/{orderId}`
-/// or `/files/{proxy+}`; path `$default` is the catch-all route.
+/// or `/files/{proxy+}`; path `$default` is the catch-all route. With an authorizer, only a
+/// request with a token it accepts reaches the function.
 #[derive(Clone, Debug)]
 pub struct RouteSpec {
     pub method: String,
     pub path: String,
+    pub authorizer: Option<Arc<JwtAuthorizer>>,
 }
 
 impl RouteSpec {
@@ -304,11 +307,24 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => return plain(413, json!({"message": "Request Entity Too Large"})),
     };
-    // API Gateway answers unknown routes itself.
+    // API Gateway answers unknown routes itself, then refuses a bad token itself.
     let Some(route) = routes.find(&method, &path) else {
         return plain(404, json!({"message": "Not Found"}));
     };
-    let event = api_gateway_event(Some(route), &method, &path, &query, &headers, &body);
+    let authorizer = match &route.0.authorizer {
+        None => None,
+        Some(jwt) => match jwt.authorize(&headers) {
+            Ok(context) => Some(context),
+            Err(refusal) => {
+                tracing::info!(method, path, %refusal, "http 401");
+                return plain(401, json!({"message": "Unauthorized"}));
+            }
+        },
+    };
+    let mut event = api_gateway_event(Some(route), &method, &path, &query, &headers, &body);
+    if let Some(context) = authorizer {
+        event["requestContext"]["authorizer"] = context;
+    }
     let request = match lambda_http::request::from_str(&event.to_string()) {
         Ok(r) => r,
         Err(e) => {
@@ -367,6 +383,7 @@ mod tests {
         RouteSpec {
             method: method.into(),
             path: path.into(),
+            authorizer: None,
         }
     }
 
@@ -465,6 +482,7 @@ mod tests {
         let r = RouteSpec {
             method: "POST".into(),
             path: "/orders".into(),
+            authorizer: None,
         };
         let mut headers = hyper::HeaderMap::new();
         headers.insert("content-type", "application/json".parse().unwrap());

@@ -4,6 +4,7 @@
 //! saga-local [run] [--port 3000] [--no-seed]   the whole saga on 127.0.0.1 (what `make run` starts)
 //! saga-local services up|down                   start or stop DynamoDB Local and moto only
 //! saga-local stop                               stop the services a previous run left running
+//! saga-local token [--user alice] [--operator]  sign a local user in; print an access token
 //! saga-local redrive --queue NAME [--max N]     DLQ -> source queue (local names), or
 //! saga-local redrive --dlq-url URL --target-url URL [--max N]
 //! saga-local redrive --dlq-url URL --move-task --dlq-arn ARN
@@ -52,6 +53,14 @@ enum Cmd {
     },
     /// Stop the services a previous run left running (what `make stop` does)
     Stop,
+    /// Sign a user of the local user pool in and print an access token
+    ///
+    /// Creates the user in template.yaml's user pool (in moto) if absent: a customer, or with
+    /// --operator a member of the operators group (without --operator the user is taken out
+    /// of it). Sets a fresh random password, signs in with USER_PASSWORD_AUTH and prints the
+    /// access token (valid for an hour) for `Authorization: Bearer ...`. Starts DynamoDB Local
+    /// and moto, and creates the pool, if needed.
+    Token(TokenArgs),
     /// Move the messages of a dead-letter queue back to its source queue
     ///
     /// Locally, by logical id: `--queue StockDeadLetterQueue` (or `StockQueue`) receives from
@@ -128,6 +137,26 @@ struct RunArgs {
     sweep_seconds: Option<u64>,
 
     /// Prepended to every table and queue name (none when unset)
+    #[arg(long, env = "SAGA_PREFIX", value_parser = blank_means(String::new()))]
+    prefix: Option<String>,
+}
+
+/// The settings of `token`.
+#[derive(Args, Debug)]
+struct TokenArgs {
+    /// The user's name in the pool
+    #[arg(long, default_value = "alice")]
+    user: String,
+
+    /// Make the user an operator (a member of the operators group)
+    #[arg(long)]
+    operator: bool,
+
+    /// Print the ID token instead of the access token
+    #[arg(long)]
+    id_token: bool,
+
+    /// The local resources' name prefix, as `run` was given it (none when unset)
     #[arg(long, env = "SAGA_PREFIX", value_parser = blank_means(String::new()))]
     prefix: Option<String>,
 }
@@ -223,6 +252,7 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Redrive(args) => redrive(args).await,
+        Cmd::Token(args) => token(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -288,12 +318,25 @@ async fn run(args: RunArgs) -> Result<(), String> {
     if !args.no_seed {
         seed(&stack).await?;
     }
+    let sign_in = stack.sign_in()?;
+    let operators = local_runner::cognito::operators_group(&stack.template);
+    let customer = sign_in
+        .sign_in(DEMO_CUSTOMER, &[], &[&operators])
+        .await
+        .map_err(|e| e.to_string())?;
+    let operator = sign_in
+        .sign_in(DEMO_OPERATOR, &[&operators], &[&operators])
+        .await
+        .map_err(|e| e.to_string())?;
     print_banner(
         &stack,
         rate,
         &services.dynamodb_endpoint(),
         &services.sqs_endpoint(),
     );
+    println!("Signed in (tokens valid for an hour; `make token` prints a fresh one):");
+    println!("  export TOKEN={}", customer.access_token);
+    println!("  export OPERATOR_TOKEN={}\n", operator.access_token);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
@@ -304,6 +347,46 @@ async fn run(args: RunArgs) -> Result<(), String> {
     eprintln!("\nstopping...");
     stack.stop().await;
     services.stop().await;
+    Ok(())
+}
+
+/// The users `run` signs in: a customer and an operator of the local pool.
+const DEMO_CUSTOMER: &str = "alice";
+const DEMO_OPERATOR: &str = "ops";
+
+async fn token(args: TokenArgs) -> Result<(), String> {
+    let root = repo_root();
+    let service_opts = ServiceOptions::new(root.clone());
+    let services = services::ensure_services(&service_opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let template = Template::from_file(root.join("template.yaml")).map_err(|e| e.to_string())?;
+    let cognito = local_runner::stack::local_cognito(&services.sqs_endpoint(), "us-east-1");
+    let mut names = local_runner::template::LocalNames {
+        region: Some("us-east-1".into()),
+        ..Default::default()
+    };
+    let prefix = args.prefix.unwrap_or_default();
+    local_runner::cognito::provision(&template, &prefix, &cognito, &mut names)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sign_in = local_runner::cognito::SignIn::of_template(&template, &names, cognito)?;
+    let operators = local_runner::cognito::operators_group(&template);
+    let groups: &[&str] = if args.operator { &[&operators] } else { &[] };
+    let tokens = sign_in
+        .sign_in(&args.user, groups, &[&operators])
+        .await
+        .map_err(|e| e.to_string())?;
+    // The services stay up for the run that uses the token.
+    std::mem::forget(services);
+    println!(
+        "{}",
+        if args.id_token {
+            tokens.id_token
+        } else {
+            tokens.access_token
+        }
+    );
     Ok(())
 }
 
@@ -373,13 +456,18 @@ fn print_banner(stack: &Stack, rate: f64, dynamodb: &str, sqs: &str) {
         "  payment failure rate {rate} (PAYMENT_FAILURE_RATE=0 make run turns random declines off)"
     );
     println!("  demo products: p-mug (10 in stock), p-tee (5), p-poster (3)\n");
-    println!("Try:");
-    println!("  curl -s -X POST {api}/orders -H 'content-type: application/json' \\");
+    println!("Try (after the two export lines below):");
+    println!("  curl -s -X POST {api}/orders -H \"authorization: Bearer $TOKEN\" \\");
+    println!("       -H 'content-type: application/json' \\");
+    println!("       -d '{{\"items\":[{{\"productId\":\"p-mug\",\"quantity\":2}}]}}'");
+    println!("  curl -s {api}/orders -H \"authorization: Bearer $TOKEN\"");
+    println!("  curl -s {api}/orders/<orderId> -H \"authorization: Bearer $TOKEN\"");
+    println!("  curl -s {api}/products/p-mug          (public)");
     println!(
-        "       -d '{{\"customerId\":\"c-1\",\"items\":[{{\"productId\":\"p-mug\",\"quantity\":2}}]}}'"
+        "  curl -s -X PUT {api}/products/p-lamp -H \"authorization: Bearer $OPERATOR_TOKEN\" \\"
     );
-    println!("  curl -s {api}/orders/<orderId>");
-    println!("  curl -s {api}/products/p-mug\n");
+    println!("       -H 'content-type: application/json' \\");
+    println!("       -d '{{\"name\":\"Lamp\",\"priceCents\":4500,\"quantity\":4}}'\n");
 }
 
 async fn redrive(args: RedriveArgs) -> Result<(), String> {
@@ -499,6 +587,16 @@ mod tests {
         ));
         assert!(parse(&["services", "sideways"]).is_err());
         assert!(matches!(parse(&["stop"]).unwrap().command, Some(Cmd::Stop)));
+        let Some(Cmd::Token(t)) = parse(&["token", "--user", "bob", "--operator"])
+            .unwrap()
+            .command
+        else {
+            panic!("not token");
+        };
+        assert_eq!(
+            (t.user.as_str(), t.operator, t.id_token),
+            ("bob", true, false)
+        );
         assert!(parse(&["launch"]).is_err());
     }
 

@@ -27,12 +27,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::access::AccessRecorder;
+use crate::authorizer::{JwtAuthorizer, local_jwks_url};
+use crate::cognito::SignIn;
 use crate::counting::CallCounter;
 use crate::esm::{self, Mapping, SqsFunction};
 use crate::http::{self, HttpFunction, RouteSpec};
 use crate::pacing::FunctionTimeout;
 use crate::provision;
-use crate::template::{FunctionSpec, LocalNames, Template};
+use crate::template::{FunctionSpec, HttpRouteSpec, LocalNames, Template};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -40,6 +42,10 @@ pub enum StackError {
     Template(#[from] crate::template::TemplateError),
     #[error("provisioning: {0}")]
     Provision(#[from] provision::ProvisionError),
+    #[error("provisioning the user pools: {0}")]
+    Cognito(#[from] crate::cognito::CognitoError),
+    #[error("the HTTP API's authorizer: {0}")]
+    Authorizer(String),
     #[error("function {function}: {source}")]
     Config {
         function: String,
@@ -134,6 +140,11 @@ pub async fn local_clients_counted(
     LocalEndpoints::new(dynamodb_endpoint, sqs_endpoint, region).clients(counter, None)
 }
 
+/// A cognito-idp client of the local stand-in at `endpoint` (moto), with dummy credentials.
+pub fn local_cognito(endpoint: &str, region: &str) -> aws_sdk_cognitoidentityprovider::Client {
+    LocalEndpoints::new("http://127.0.0.1:8000", endpoint, region).cognito()
+}
+
 /// What every client of a stack shares: one SDK configuration (one HTTP client, the region,
 /// static dummy credentials) and the two endpoints. Clients built from it are cheap.
 #[derive(Clone, Debug)]
@@ -153,6 +164,14 @@ impl LocalEndpoints {
             dynamodb: dynamodb_endpoint.to_string(),
             sqs: sqs_endpoint.to_string(),
         }
+    }
+
+    /// A cognito-idp client of the local stand-in (moto, on the SQS endpoint).
+    fn cognito(&self) -> aws_sdk_cognitoidentityprovider::Client {
+        let config = aws_sdk_cognitoidentityprovider::config::Builder::from(&self.config)
+            .endpoint_url(&self.sqs)
+            .build();
+        aws_sdk_cognitoidentityprovider::Client::from_conf(config)
     }
 
     /// Clients that count every call in `counter` and record a function's accesses with
@@ -216,6 +235,8 @@ pub struct Stack {
     pub names: LocalNames,
     /// Clients for the stack's own work (provisioning) and for tests; no function's.
     pub clients: AwsClients,
+    /// The cognito-idp client of the local user pools (moto).
+    pub cognito: aws_sdk_cognitoidentityprovider::Client,
     /// Each function's clients, by logical id: its handler and its event source mappings
     /// call AWS through them (as on AWS, where both act with the function's role).
     pub function_clients: BTreeMap<String, AwsClients>,
@@ -234,8 +255,11 @@ impl Stack {
         let endpoints =
             LocalEndpoints::new(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region);
         let clients = endpoints.clients(opts.call_counter.clone(), None);
-        let names =
+        let cognito = endpoints.cognito();
+        let mut names =
             provision::provision(&template, &opts.prefix, &clients.dynamodb, &clients.sqs).await?;
+        names.region = Some(opts.region.clone());
+        crate::cognito::provision(&template, &opts.prefix, &cognito, &mut names).await?;
         let function_clients = template
             .functions
             .iter()
@@ -253,6 +277,7 @@ impl Stack {
             template: template.clone(),
             names,
             clients,
+            cognito,
             function_clients,
             http_addr: opts.http_addr,
             environments: BTreeMap::new(),
@@ -311,14 +336,14 @@ impl Stack {
                     let handler = handler.clone();
                     async move { handler.handle(req).await }.boxed()
                 });
-                let routes = function
-                    .http_routes
-                    .iter()
-                    .map(|(method, path)| RouteSpec {
-                        method: method.clone(),
-                        path: path.clone(),
-                    })
-                    .collect();
+                let mut routes = Vec::new();
+                for route in &function.http_routes {
+                    routes.push(RouteSpec {
+                        method: route.method.clone(),
+                        path: route.path.clone(),
+                        authorizer: self.authorizer(route, opts).await?,
+                    });
+                }
                 let (addr, task) =
                     http::serve(opts.http_addr, routes, f, timeout.clone(), shutdown.clone())
                         .await
@@ -416,6 +441,39 @@ impl Stack {
             }
         }
         Ok(())
+    }
+
+    /// The authorizer of a route, as API Gateway would run it: its issuer and audiences
+    /// resolved to the local pool and client, its keys fetched from the pool's JWKS in moto.
+    async fn authorizer(
+        &self,
+        route: &HttpRouteSpec,
+        opts: &StackOptions,
+    ) -> Result<Option<Arc<JwtAuthorizer>>, StackError> {
+        let error = |e: String| StackError::Authorizer(format!("route {}: {e}", route.route_key()));
+        let Some(spec) = self
+            .template
+            .route_authorizer(route)
+            .map_err(|e| error(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let (issuer, audiences) = self
+            .template
+            .resolve_authorizer(spec, &self.names)
+            .map_err(error)?;
+        let pools: Vec<&str> = self.names.user_pools.values().map(String::as_str).collect();
+        let url = local_jwks_url(&issuer, &pools, &opts.sqs_endpoint)
+            .map_err(|e| error(e.to_string()))?;
+        let authorizer = JwtAuthorizer::fetch(issuer, audiences, &spec.identity_source, &url)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        Ok(Some(Arc::new(authorizer)))
+    }
+
+    /// Where the template's users sign in locally (its one user pool and app client).
+    pub fn sign_in(&self) -> Result<SignIn, String> {
+        SignIn::of_template(&self.template, &self.names, self.cognito.clone())
     }
 
     /// Pauses or resumes a function's event source mappings (a consumer held back).

@@ -84,7 +84,17 @@ pub struct Template {
     pub roles: Vec<RoleSpec>,
     /// `AWS::CloudWatch::Alarm` resources.
     pub alarms: Vec<AlarmSpec>,
-    /// Every resource's logical id and type, for error messages about references.
+    /// `AWS::Cognito::UserPool`, `UserPoolClient` and `UserPoolGroup` resources whose
+    /// `Condition` holds.
+    pub user_pools: Vec<UserPoolSpec>,
+    pub user_pool_clients: Vec<UserPoolClientSpec>,
+    pub user_pool_groups: Vec<UserPoolGroupSpec>,
+    /// `AWS::Serverless::HttpApi` resources, with their authorizers.
+    pub http_apis: Vec<HttpApiSpec>,
+    /// Every condition of `Conditions`, evaluated with the parameters' values.
+    pub conditions: BTreeMap<String, bool>,
+    /// Every resource's logical id and type, for error messages about references. A
+    /// resource whose `Condition` is false is not created, so it is not here either.
     pub resource_types: BTreeMap<String, String>,
     document: Document,
 }
@@ -175,8 +185,8 @@ pub struct FunctionSpec {
     pub environment: BTreeMap<String, EnvValue>,
     pub sqs_events: Vec<SqsEventSpec>,
     pub schedules: Vec<ScheduleSpec>,
-    /// `(METHOD, path)` of every `HttpApi` (or `Api`) event, e.g. `("GET", "/orders/{orderId}")`.
-    pub http_routes: Vec<(String, String)>,
+    /// Every `HttpApi` (or `Api`) event's route, e.g. `GET /orders/{orderId}`.
+    pub http_routes: Vec<HttpRouteSpec>,
     /// Events of other types, as `(event name, type)`: not run locally.
     pub other_events: Vec<(String, String)>,
     /// The role's logical id, from `Role: !GetAtt XRole.Arn` (an `AWS::IAM::Role` of the
@@ -302,6 +312,112 @@ pub enum EnvValue {
     Unsupported(String),
 }
 
+/// A route of an HTTP API, from a function's `HttpApi` event.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HttpRouteSpec {
+    /// Upper case, or `ANY`.
+    pub method: String,
+    /// `/orders/{orderId}`, or `$default` for the catch-all route.
+    pub path: String,
+    /// The event's `ApiId` (`!Ref X`); `None` for SAM's implicit API.
+    pub api: Option<String>,
+    pub auth: RouteAuth,
+}
+
+impl HttpRouteSpec {
+    /// The route key API Gateway puts in the event: `GET /orders/{orderId}`, or `$default`.
+    pub fn route_key(&self) -> String {
+        if self.path == "$default" {
+            self.path.clone()
+        } else {
+            format!("{} {}", self.method, self.path)
+        }
+    }
+}
+
+/// Which authorizer a route names in its `Auth.Authorizer`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteAuth {
+    /// None named: the API's `DefaultAuthorizer`, if it has one.
+    ApiDefault,
+    /// `NONE`: public, whatever the API's default.
+    Public,
+    Named(String),
+}
+
+/// An `AWS::Serverless::HttpApi`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpApiSpec {
+    pub logical_id: String,
+    /// `Auth.DefaultAuthorizer`.
+    pub default_authorizer: Option<String>,
+    /// `Auth.Authorizers`, by name: JWT authorizers (the only kind the runner serves).
+    pub authorizers: BTreeMap<String, JwtAuthorizerSpec>,
+}
+
+/// A JWT authorizer of an HTTP API, its `!If`s decided by the template's conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtAuthorizerSpec {
+    /// Where the token is: `$request.header.Authorization` unless `IdentitySource` says.
+    pub identity_source: String,
+    /// `JwtConfiguration.issuer`, as written (e.g. `!Sub https://cognito-idp...${UserPool}`).
+    pub issuer: EnvValue,
+    /// `JwtConfiguration.audience`.
+    pub audience: Vec<EnvValue>,
+}
+
+/// An `AWS::Cognito::UserPool`: what the local pool is created with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserPoolSpec {
+    pub logical_id: String,
+    pub password_policy: PasswordPolicySpec,
+    /// `AdminCreateUserConfig.AllowAdminCreateUserOnly`.
+    pub admin_create_user_only: bool,
+    /// `UsernameConfiguration.CaseSensitive`.
+    pub case_sensitive_usernames: Option<bool>,
+}
+
+/// `Policies.PasswordPolicy`, with Cognito's defaults for what is not written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PasswordPolicySpec {
+    pub minimum_length: u32,
+    pub require_lowercase: bool,
+    pub require_uppercase: bool,
+    pub require_numbers: bool,
+    pub require_symbols: bool,
+}
+
+impl Default for PasswordPolicySpec {
+    fn default() -> Self {
+        Self {
+            minimum_length: 8,
+            require_lowercase: true,
+            require_uppercase: true,
+            require_numbers: true,
+            require_symbols: true,
+        }
+    }
+}
+
+/// An `AWS::Cognito::UserPoolClient`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserPoolClientSpec {
+    pub logical_id: String,
+    /// The logical id of its pool (`UserPoolId: !Ref Pool`).
+    pub user_pool: String,
+    pub client_name: Option<String>,
+    pub generate_secret: bool,
+    pub explicit_auth_flows: Vec<String>,
+}
+
+/// An `AWS::Cognito::UserPoolGroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserPoolGroupSpec {
+    pub logical_id: String,
+    pub user_pool: String,
+    pub group_name: String,
+}
+
 /// What the local resources are called, by logical id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalNames {
@@ -311,6 +427,12 @@ pub struct LocalNames {
     pub queue_urls: BTreeMap<String, String>,
     /// Queue logical id -> queue ARN.
     pub queue_arns: BTreeMap<String, String>,
+    /// User pool logical id -> pool id.
+    pub user_pools: BTreeMap<String, String>,
+    /// User pool client logical id -> client id.
+    pub user_pool_clients: BTreeMap<String, String>,
+    /// `AWS::Region`, when the resources live in one.
+    pub region: Option<String>,
 }
 
 impl Template {
@@ -356,6 +478,58 @@ impl Template {
 
     pub fn role(&self, logical_id: &str) -> Option<&RoleSpec> {
         self.roles.iter().find(|r| r.logical_id == logical_id)
+    }
+
+    /// The authorizer that guards `route`; `None` when the route is public (it says
+    /// `Authorizer: NONE`, or its API has no default authorizer).
+    pub fn route_authorizer(
+        &self,
+        route: &HttpRouteSpec,
+    ) -> Result<Option<&JwtAuthorizerSpec>, TemplateError> {
+        let at = || format!("route {}", route.route_key());
+        let api = match &route.api {
+            Some(id) => Some(
+                (self.http_apis.iter().find(|a| &a.logical_id == id)).ok_or_else(|| {
+                    invalid(
+                        at(),
+                        format!("ApiId {id} is not an HttpApi of the template"),
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        let name = match (&route.auth, api) {
+            (RouteAuth::Public, _) | (RouteAuth::ApiDefault, None) => return Ok(None),
+            (RouteAuth::ApiDefault, Some(api)) => match &api.default_authorizer {
+                Some(name) => name,
+                None => return Ok(None),
+            },
+            (RouteAuth::Named(name), _) => name,
+        };
+        let found = api.and_then(|api| api.authorizers.get(name));
+        found.map(Some).ok_or_else(|| {
+            invalid(
+                at(),
+                format!("authorizer {name} is not a JWT authorizer of its API"),
+            )
+        })
+    }
+
+    /// The issuer and audiences of a JWT authorizer, resolved to the local resources.
+    pub fn resolve_authorizer(
+        &self,
+        authorizer: &JwtAuthorizerSpec,
+        names: &LocalNames,
+    ) -> Result<(String, Vec<String>), String> {
+        let resolver = Resolver {
+            names,
+            template: self,
+        };
+        let issuer = resolver.resolve(&authorizer.issuer)?;
+        let audience = (authorizer.audience.iter())
+            .map(|a| resolver.resolve(a))
+            .collect::<Result<_, _>>()?;
+        Ok((issuer, audience))
     }
 
     /// A parameter's effective value: its override, else its default.
@@ -750,6 +924,9 @@ struct Document {
     parameters: BTreeMap<String, ParameterProps>,
     #[serde(default)]
     globals: Globals,
+    /// Evaluated once parameters are substituted; they decide `Condition`s and `!If`s.
+    #[serde(default)]
+    conditions: BTreeMap<String, Value>,
     /// Read in the template's order, each by its `Type`, once parameters are substituted.
     resources: Mapping,
 }
@@ -774,6 +951,7 @@ struct Globals {
 struct ResourceProps {
     #[serde(rename = "Type")]
     resource_type: String,
+    condition: Option<String>,
     #[serde(default)]
     properties: Value,
     #[serde(default)]
@@ -994,6 +1172,97 @@ enum ScheduleState {
 struct HttpEventProps {
     method: Option<Str>,
     path: Option<Str>,
+    api_id: Option<RefTo>,
+    #[serde(default)]
+    auth: RouteAuthProps,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RouteAuthProps {
+    authorizer: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HttpApiProps {
+    auth: Option<HttpApiAuthProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HttpApiAuthProps {
+    default_authorizer: Option<Str>,
+    #[serde(default)]
+    authorizers: BTreeMap<String, AuthorizerProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AuthorizerProps {
+    identity_source: Option<Str>,
+    jwt_configuration: Option<JwtConfigurationProps>,
+}
+
+/// SAM writes these two keys in lower case.
+#[derive(Deserialize)]
+struct JwtConfigurationProps {
+    issuer: EnvValue,
+    #[serde(default)]
+    audience: Vec<EnvValue>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UserPoolProps {
+    policies: Option<UserPoolPolicies>,
+    admin_create_user_config: Option<AdminCreateUserProps>,
+    username_configuration: Option<UsernameProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UserPoolPolicies {
+    password_policy: Option<PasswordPolicyProps>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PasswordPolicyProps {
+    minimum_length: Option<InRange<6, 99>>,
+    require_lowercase: Option<Parsed<bool>>,
+    require_uppercase: Option<Parsed<bool>>,
+    require_numbers: Option<Parsed<bool>>,
+    require_symbols: Option<Parsed<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AdminCreateUserProps {
+    allow_admin_create_user_only: Option<Parsed<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UsernameProps {
+    case_sensitive: Option<Parsed<bool>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UserPoolClientProps {
+    user_pool_id: RefTo,
+    client_name: Option<Str>,
+    generate_secret: Option<Parsed<bool>>,
+    #[serde(default)]
+    explicit_auth_flows: Vec<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UserPoolGroupProps {
+    user_pool_id: RefTo,
+    group_name: Str,
 }
 
 #[derive(Deserialize)]
@@ -1109,6 +1378,11 @@ impl Template {
             functions: Vec::new(),
             roles: Vec::new(),
             alarms: Vec::new(),
+            user_pools: Vec::new(),
+            user_pool_clients: Vec::new(),
+            user_pool_groups: Vec::new(),
+            http_apis: Vec::new(),
+            conditions: BTreeMap::new(),
             resource_types: BTreeMap::new(),
             document: Document::default(),
         };
@@ -1116,21 +1390,39 @@ impl Template {
         let values: BTreeMap<&str, &str> = (t.parameters.keys())
             .filter_map(|name| Some((name.as_str(), t.parameter_value(name)?)))
             .collect();
+        let mut conditions = document.conditions.clone();
+        for condition in conditions.values_mut() {
+            substitute(condition, &values);
+        }
+        let decided = evaluate_conditions(&conditions)?;
         let mut globals = document.globals.function.clone();
         substitute(&mut globals, &values);
+        decide(&mut globals, &decided, "Globals.Function")?;
         let globals: FunctionProps = typed(&globals, "Globals.Function")?;
         let mut resources = Vec::new();
         for (id, resource) in &document.resources {
             let id = id
                 .as_str()
                 .ok_or_else(|| invalid("Resources", "a key is not a string"))?;
+            let at = format!("Resources.{id}");
             let mut resource = resource.clone();
             substitute(&mut resource, &values);
-            resources.push((
-                id,
-                typed::<ResourceProps>(&resource, &format!("Resources.{id}"))?,
-            ));
+            decide(&mut resource, &decided, &at)?;
+            let resource = typed::<ResourceProps>(&resource, &at)?;
+            // A resource whose condition is false is not created.
+            if let Some(condition) = &resource.condition {
+                match decided.get(condition) {
+                    Some(true) => {}
+                    Some(false) => continue,
+                    None => {
+                        let message = format!("{condition} names no condition of the template");
+                        return Err(invalid(format!("{at}.Condition"), message));
+                    }
+                }
+            }
+            resources.push((id, resource));
         }
+        t.conditions = decided;
         t.resource_types = (resources.iter())
             .map(|(id, r)| (id.to_string(), r.resource_type.clone()))
             .collect();
@@ -1171,6 +1463,46 @@ impl Template {
                     let dat = format!("{at}.PolicyDocument");
                     let statements = t.statements(id, policy.policy_document, &dat)?;
                     attached.push((policy.roles, statements, at));
+                }
+                "AWS::Cognito::UserPool" => {
+                    let p: UserPoolProps = typed(props, &at)?;
+                    t.user_pools.push(user_pool(id, p));
+                }
+                "AWS::Cognito::UserPoolClient" => {
+                    let p: UserPoolClientProps = typed(props, &at)?;
+                    let pool_at = format!("{at}.UserPoolId");
+                    t.user_pool_clients.push(UserPoolClientSpec {
+                        logical_id: id.to_string(),
+                        user_pool: t.of_type(
+                            &p.user_pool_id.0,
+                            "AWS::Cognito::UserPool",
+                            &pool_at,
+                        )?,
+                        client_name: p.client_name.map(|n| n.0),
+                        generate_secret: p.generate_secret.is_some_and(|g| g.0),
+                        explicit_auth_flows: p
+                            .explicit_auth_flows
+                            .into_iter()
+                            .map(|f| f.0)
+                            .collect(),
+                    });
+                }
+                "AWS::Cognito::UserPoolGroup" => {
+                    let p: UserPoolGroupProps = typed(props, &at)?;
+                    let pool_at = format!("{at}.UserPoolId");
+                    t.user_pool_groups.push(UserPoolGroupSpec {
+                        logical_id: id.to_string(),
+                        user_pool: t.of_type(
+                            &p.user_pool_id.0,
+                            "AWS::Cognito::UserPool",
+                            &pool_at,
+                        )?,
+                        group_name: p.group_name.0,
+                    });
+                }
+                "AWS::Serverless::HttpApi" => {
+                    let p: HttpApiProps = typed(props, &at)?;
+                    t.http_apis.push(http_api(id, p, &at)?);
                 }
                 "AWS::CloudWatch::Alarm" => {
                     let p: AlarmProps = typed(props, &at)?;
@@ -1334,16 +1666,27 @@ impl Template {
                 }
                 ty @ ("HttpApi" | "Api") => {
                     let p: HttpEventProps = typed(props, &eat)?;
-                    match (p.method, p.path) {
-                        (Some(Str(method)), Some(Str(path))) => {
-                            spec.http_routes.push((method.to_ascii_uppercase(), path))
-                        }
+                    let (method, path) = match (p.method, p.path) {
+                        (Some(Str(method)), Some(Str(path))) => (method.to_ascii_uppercase(), path),
                         // An HttpApi event without Method/Path is the catch-all route.
-                        (None, None) if ty == "HttpApi" => {
-                            spec.http_routes.push(("ANY".into(), "$default".into()))
-                        }
+                        (None, None) if ty == "HttpApi" => ("ANY".into(), "$default".into()),
                         _ => return Err(invalid(eat, "needs both Method and Path")),
-                    }
+                    };
+                    let api_at = format!("{eat}.ApiId");
+                    let api = (p.api_id)
+                        .map(|RefTo(api)| self.of_type(&api, "AWS::Serverless::HttpApi", &api_at))
+                        .transpose()?;
+                    let auth = match p.auth.authorizer {
+                        None => RouteAuth::ApiDefault,
+                        Some(Str(name)) if name == "NONE" => RouteAuth::Public,
+                        Some(Str(name)) => RouteAuth::Named(name),
+                    };
+                    spec.http_routes.push(HttpRouteSpec {
+                        method,
+                        path,
+                        api,
+                        auth,
+                    });
                 }
                 other => spec
                     .other_events
@@ -1474,6 +1817,238 @@ fn table(id: &str, p: TableProps, at: &str) -> Result<TableSpec, TemplateError> 
     })
 }
 
+fn user_pool(id: &str, p: UserPoolProps) -> UserPoolSpec {
+    let defaults = PasswordPolicySpec::default();
+    let policy = p.policies.and_then(|p| p.password_policy);
+    let password_policy = match policy {
+        None => defaults,
+        Some(p) => PasswordPolicySpec {
+            minimum_length: p.minimum_length.map_or(defaults.minimum_length, |m| m.0),
+            require_lowercase: p
+                .require_lowercase
+                .map_or(defaults.require_lowercase, |b| b.0),
+            require_uppercase: p
+                .require_uppercase
+                .map_or(defaults.require_uppercase, |b| b.0),
+            require_numbers: p.require_numbers.map_or(defaults.require_numbers, |b| b.0),
+            require_symbols: p.require_symbols.map_or(defaults.require_symbols, |b| b.0),
+        },
+    };
+    UserPoolSpec {
+        logical_id: id.to_string(),
+        password_policy,
+        admin_create_user_only: (p.admin_create_user_config)
+            .and_then(|c| c.allow_admin_create_user_only)
+            .is_some_and(|b| b.0),
+        case_sensitive_usernames: (p.username_configuration)
+            .and_then(|u| u.case_sensitive)
+            .map(|b| b.0),
+    }
+}
+
+fn http_api(id: &str, p: HttpApiProps, at: &str) -> Result<HttpApiSpec, TemplateError> {
+    let mut spec = HttpApiSpec {
+        logical_id: id.to_string(),
+        default_authorizer: None,
+        authorizers: BTreeMap::new(),
+    };
+    let Some(auth) = p.auth else {
+        return Ok(spec);
+    };
+    for (name, authorizer) in auth.authorizers {
+        let jwt = authorizer.jwt_configuration.ok_or_else(|| {
+            invalid(
+                format!("{at}.Auth.Authorizers.{name}"),
+                "only JWT authorizers (JwtConfiguration) are served by the local runner",
+            )
+        })?;
+        let identity_source = (authorizer.identity_source)
+            .map_or_else(|| "$request.header.Authorization".to_string(), |s| s.0);
+        spec.authorizers.insert(
+            name,
+            JwtAuthorizerSpec {
+                identity_source,
+                issuer: jwt.issuer,
+                audience: jwt.audience,
+            },
+        );
+    }
+    if let Some(Str(default)) = auth.default_authorizer {
+        if !spec.authorizers.contains_key(&default) {
+            let message = format!("{default} is not one of Auth.Authorizers");
+            return Err(invalid(format!("{at}.Auth.DefaultAuthorizer"), message));
+        }
+        spec.default_authorizer = Some(default);
+    }
+    Ok(spec)
+}
+
+/// The call of an intrinsic function or condition (`!Equals [..]`, `{"Fn::If": [..]}`,
+/// `{Condition: X}`): its name without `!`/`Fn::`, and its argument.
+fn call_of(value: &Value) -> Option<(String, &Value)> {
+    match value {
+        Value::Tagged(t) => Some((
+            t.tag.to_string().trim_start_matches('!').to_string(),
+            &t.value,
+        )),
+        Value::Mapping(m) if m.len() == 1 => {
+            let (key, argument) = m.iter().next()?;
+            let key = key.as_str()?;
+            let name = key
+                .strip_prefix("Fn::")
+                .or((key == "Condition").then_some(key))?;
+            Some((name.to_string(), argument))
+        }
+        _ => None,
+    }
+}
+
+/// Every condition of `Conditions` (parameters already substituted), evaluated.
+fn evaluate_conditions(
+    conditions: &BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, bool>, TemplateError> {
+    let mut done = BTreeMap::new();
+    for name in conditions.keys() {
+        condition(name, conditions, &mut done, &mut Vec::new())?;
+    }
+    Ok(done)
+}
+
+fn condition(
+    name: &str,
+    all: &BTreeMap<String, Value>,
+    done: &mut BTreeMap<String, bool>,
+    visiting: &mut Vec<String>,
+) -> Result<bool, TemplateError> {
+    if let Some(value) = done.get(name) {
+        return Ok(*value);
+    }
+    let at = format!("Conditions.{name}");
+    if visiting.iter().any(|v| v == name) {
+        return Err(invalid(
+            at,
+            format!("refers to itself through {}", visiting.join(" -> ")),
+        ));
+    }
+    let value = all
+        .get(name)
+        .ok_or_else(|| invalid(&at, format!("{name} names no condition of the template")))?;
+    visiting.push(name.to_string());
+    let result = condition_value(value, all, done, visiting, &at)?;
+    visiting.pop();
+    done.insert(name.to_string(), result);
+    Ok(result)
+}
+
+fn condition_value(
+    value: &Value,
+    all: &BTreeMap<String, Value>,
+    done: &mut BTreeMap<String, bool>,
+    visiting: &mut Vec<String>,
+    at: &str,
+) -> Result<bool, TemplateError> {
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let list = |v: &Value| match v {
+        Value::Sequence(items) => Ok(items.clone()),
+        _ => Err(invalid(at, "expected a list of conditions")),
+    };
+    let Some((function, argument)) = call_of(value) else {
+        return Err(invalid(
+            at,
+            "not a condition function (!Equals, !Not, !And, !Or, !Condition)",
+        ));
+    };
+    match function.as_str() {
+        "Equals" => match argument {
+            Value::Sequence(pair) if pair.len() == 2 => {
+                match (scalar(&pair[0]), scalar(&pair[1])) {
+                    (Some(a), Some(b)) => Ok(a == b),
+                    _ => Err(invalid(
+                        at,
+                        "!Equals of a value the local runner cannot know (only parameters and literals)",
+                    )),
+                }
+            }
+            _ => Err(invalid(at, "!Equals takes two values")),
+        },
+        "Not" => match list(argument)?.as_slice() {
+            [one] => Ok(!condition_value(one, all, done, visiting, at)?),
+            _ => Err(invalid(at, "!Not takes one condition")),
+        },
+        "And" | "Or" => {
+            let mut results = Vec::new();
+            for item in list(argument)? {
+                results.push(condition_value(&item, all, done, visiting, at)?);
+            }
+            Ok(if function == "And" {
+                results.iter().all(|r| *r)
+            } else {
+                results.iter().any(|r| *r)
+            })
+        }
+        "Condition" => match argument.as_str() {
+            Some(name) => condition(name, all, done, visiting),
+            None => Err(invalid(at, "!Condition takes a condition's name")),
+        },
+        other => Err(invalid(at, format!("!{other} is not a condition function"))),
+    }
+}
+
+/// `value` with every `!If [Condition, a, b]` replaced by the branch its condition picks.
+fn decide(
+    value: &mut Value,
+    conditions: &BTreeMap<String, bool>,
+    at: &str,
+) -> Result<(), TemplateError> {
+    if let Some((function, argument)) = call_of(value) {
+        if function == "If" {
+            let chosen = match argument {
+                Value::Sequence(items) if items.len() == 3 => {
+                    let name = items[0]
+                        .as_str()
+                        .ok_or_else(|| invalid(at, "!If takes a condition's name first"))?;
+                    let holds = *conditions.get(name).ok_or_else(|| {
+                        invalid(
+                            at,
+                            format!("!If names {name}, no condition of the template"),
+                        )
+                    })?;
+                    items[if holds { 1 } else { 2 }].clone()
+                }
+                _ => {
+                    return Err(invalid(
+                        at,
+                        "!If takes [Condition, value if true, value if false]",
+                    ));
+                }
+            };
+            *value = chosen;
+            return decide(value, conditions, at);
+        }
+    }
+    match value {
+        Value::Sequence(items) => {
+            for item in items {
+                decide(item, conditions, at)?;
+            }
+        }
+        Value::Mapping(m) => {
+            for (key, item) in m.iter_mut() {
+                let at = format!("{at}.{}", key.as_str().unwrap_or("?"));
+                decide(item, conditions, &at)?;
+            }
+        }
+        Value::Tagged(t) => decide(&mut t.value, conditions, at)?,
+        _ => {}
+    }
+    Ok(())
+}
+
 fn simple_table(id: &str, p: SimpleTableProps) -> TableSpec {
     let (name, attr_type) = match p.primary_key {
         None => ("id".to_string(), "S"),
@@ -1559,8 +2134,19 @@ impl Resolver<'_> {
                 .map(str::to_string)
                 .ok_or_else(|| format!("parameter {target} has no default and no override"));
         }
+        if target == "AWS::Region" {
+            if let Some(region) = &self.names.region {
+                return Ok(region.clone());
+            }
+        }
         if target.starts_with("AWS::") {
             return Err(format!("pseudo parameter {target} has no local value"));
+        }
+        if let Some(pool) = self.names.user_pools.get(target) {
+            return Ok(pool.clone());
+        }
+        if let Some(client) = self.names.user_pool_clients.get(target) {
+            return Ok(client.clone());
         }
         if let Some(table) = self.names.tables.get(target) {
             return Ok(table.clone());
@@ -1719,20 +2305,30 @@ mod tests {
         let orders = t.table("OrdersTable").unwrap();
         assert_eq!(orders.hash_key, s("orderId"));
         assert_eq!(orders.range_key, None);
+        let created = KeyAttr {
+            name: "createdAtMs".into(),
+            attr_type: "N".into(),
+        };
         assert_eq!(
             orders.gsis,
-            vec![GsiSpec {
-                name: "PendingOrdersIndex".into(),
-                hash_key: s("pendingSweep"),
-                range_key: Some(KeyAttr {
-                    name: "createdAtMs".into(),
-                    attr_type: "N".into()
-                }),
-                projection: "KEYS_ONLY".into(),
-                non_key_attributes: vec![],
-            }]
+            vec![
+                GsiSpec {
+                    name: "CustomerOrdersIndex".into(),
+                    hash_key: s("customerId"),
+                    range_key: Some(created.clone()),
+                    projection: "ALL".into(),
+                    non_key_attributes: vec![],
+                },
+                GsiSpec {
+                    name: "PendingOrdersIndex".into(),
+                    hash_key: s("pendingSweep"),
+                    range_key: Some(created),
+                    projection: "KEYS_ONLY".into(),
+                    non_key_attributes: vec![],
+                }
+            ]
         );
-        assert_eq!(orders.key_attributes().len(), 3);
+        assert_eq!(orders.key_attributes().len(), 4);
         assert_eq!(orders.ttl_attribute, None);
 
         assert_eq!(t.table("ProductsTable").unwrap().hash_key, s("productId"));
@@ -1812,18 +2408,26 @@ mod tests {
         );
 
         let api = t.function("OrderApiFunction").unwrap();
-        let mut routes = api.http_routes.clone();
+        let mut routes: Vec<(String, RouteAuth)> = (api.http_routes.iter())
+            .map(|r| (r.route_key(), r.auth.clone()))
+            .collect();
         routes.sort();
-        let expected: Vec<(String, String)> = [
-            ("GET", "/orders/{orderId}"),
-            ("GET", "/products/{productId}"),
-            ("POST", "/orders"),
-            ("PUT", "/products/{productId}"),
+        let expected: Vec<(String, RouteAuth)> = [
+            ("GET /orders", RouteAuth::ApiDefault),
+            ("GET /orders/{orderId}", RouteAuth::ApiDefault),
+            ("GET /products/{productId}", RouteAuth::Public),
+            ("POST /orders", RouteAuth::ApiDefault),
+            ("PUT /products/{productId}", RouteAuth::ApiDefault),
         ]
         .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .map(|(key, auth)| (key.to_string(), auth.clone()))
         .collect();
         assert_eq!(routes, expected);
+        assert!(
+            api.http_routes
+                .iter()
+                .all(|r| r.api.as_deref() == Some("HttpApi"))
+        );
         assert!(api.sqs_events.is_empty() && api.other_events.is_empty());
     }
 
@@ -1847,7 +2451,10 @@ mod tests {
         assert_eq!(api["STOCK_QUEUE_URL"], url("StockQueue"));
         assert_eq!(api["PAYMENT_QUEUE_URL"], url("PaymentQueue"));
         assert_eq!(api["RUST_LOG"], "info");
-        assert_eq!(api.len(), 6);
+        assert_eq!(api["ORDERS_CUSTOMER_INDEX"], "CustomerOrdersIndex");
+        assert_eq!(api["GROUPS_CLAIM"], "cognito:groups");
+        assert_eq!(api["OPERATORS_GROUP"], "operators");
+        assert_eq!(api.len(), 9);
 
         let stock = env("StockFunction");
         assert_eq!(stock["PRODUCTS_TABLE"], table("ProductsTable"));
@@ -2196,11 +2803,8 @@ Resources:
         assert!(!f.schedules[0].enabled);
         assert_eq!(f.schedules[1].every, Some(Duration::from_secs(300)));
         assert_eq!(f.other_events, vec![("Bucket".into(), "S3".into())]);
-        let routes = [("ANY", "$default"), ("GET", "/x")];
-        assert_eq!(
-            f.http_routes,
-            routes.map(|(m, p)| (m.to_string(), p.to_string()))
-        );
+        let routes: Vec<String> = f.http_routes.iter().map(HttpRouteSpec::route_key).collect();
+        assert_eq!(routes, ["$default", "GET /x"]);
         for (id, name, attr_type) in [("Simple", "id", "S"), ("SimpleNumbered", "n", "N")] {
             let key = &t.table(id).unwrap().hash_key;
             assert_eq!(

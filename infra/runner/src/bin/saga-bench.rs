@@ -254,6 +254,15 @@ async fn calls() -> bool {
     println!(
         "\nAWS calls for one confirmed order (two items), by operation; budget: at most 13 calls = 8 DynamoDB writes + 1 batch read + 4 SQS sends, no other read"
     );
+    // Signed in before counting: the token comes from the user pool, not from the saga.
+    let operators = local_runner::cognito::operators_group(&stack.template);
+    let token = stack
+        .sign_in()
+        .expect("the template's user pool")
+        .sign_in("bench-customer", &[], &[&operators])
+        .await
+        .expect("sign in")
+        .access_token;
     for (label, key) in [
         ("without Idempotency-Key", None),
         ("with Idempotency-Key", Some("bench-key-1")),
@@ -266,8 +275,10 @@ async fn calls() -> bool {
             format!("http://{}/orders", stack.http_addr),
             "-H".into(),
             "content-type: application/json".into(),
+            "-H".into(),
+            format!("authorization: Bearer {token}"),
             "-d".into(),
-            r#"{"customerId":"c-bench","items":[{"productId":"p-bench-1","quantity":2},{"productId":"p-bench-2","quantity":1}]}"#.into(),
+            r#"{"items":[{"productId":"p-bench-1","quantity":2},{"productId":"p-bench-2","quantity":1}]}"#.into(),
         ];
         if let Some(k) = key {
             cmd.push("-H".into());
@@ -351,6 +362,8 @@ async fn calls() -> bool {
         &admin.sqs,
     )
     .await;
+    let cognito = local_runner::stack::local_cognito(&opts.sqs_endpoint, &opts.region);
+    let _ = local_runner::cognito::delete_prefixed(&template, &opts.prefix, &cognito).await;
     ok
 }
 
