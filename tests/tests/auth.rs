@@ -48,7 +48,7 @@ fn moto_signing_key() -> (EncodingKey, String) {
         let bytes = URL_SAFE_NO_PAD.decode(jwk[name].as_str().unwrap()).unwrap();
         rsa::BoxedUint::from_be_slice_vartime(&bytes)
     };
-    let key = rsa::RsaPrivateKey::from_components(part("n"), part("e"), part("d"), vec![])
+    let key = rsa::PrivateKey::from_components(part("n"), part("e"), part("d"), vec![])
         .expect("moto's key");
     let der = key.to_pkcs1_der().unwrap();
     let pem = key.to_public_key().to_pkcs1_pem(LineEnding::LF).unwrap();
