@@ -1065,6 +1065,7 @@ async fn when_the_idempotency_key_is_malformed_should_answer_400_and_write_nothi
     t.put_product("p-i9", 100, 10).await;
     let body = order_body("p-i9", 1).to_string().into_bytes();
     let long = "k".repeat(256);
+    let auth = format!("Bearer {}", t.token(saga_tests::CUSTOMER, false).await);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty", b"".to_vec()),
         ("quoted empty", b"\"\"".to_vec()),
@@ -1081,6 +1082,7 @@ async fn when_the_idempotency_key_is_malformed_should_answer_400_and_write_nothi
             .method("POST")
             .uri(format!("{}/orders", t.base))
             .header("content-type", "application/json")
+            .header("authorization", &auth)
             .header("idempotency-key", value)
             .body(http_body_util::Full::new(hyper::body::Bytes::from(
                 body.clone(),

@@ -13,12 +13,12 @@ use aws_sdk_dynamodb::error::{BuildError, DisplayErrorContext, ProvideErrorMetad
 use aws_sdk_dynamodb::operation::{
     create_table::CreateTableError, delete_table::DeleteTableError,
     describe_table::DescribeTableError, describe_time_to_live::DescribeTimeToLiveError,
-    update_time_to_live::UpdateTimeToLiveError,
+    update_table::UpdateTableError, update_time_to_live::UpdateTimeToLiveError,
 };
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
-    Projection, ProjectionType, ScalarAttributeType, TableDescription, TableStatus,
-    TimeToLiveSpecification, TimeToLiveStatus,
+    AttributeDefinition, BillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndex,
+    GlobalSecondaryIndexUpdate, IndexStatus, KeySchemaElement, KeyType, Projection, ProjectionType,
+    ScalarAttributeType, TableDescription, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
 };
 use aws_sdk_sqs::operation::{
     create_queue::CreateQueueError, delete_queue::DeleteQueueError,
@@ -28,7 +28,7 @@ use aws_sdk_sqs::operation::{
 use aws_sdk_sqs::types::QueueAttributeName;
 use backon::Retryable;
 
-use crate::template::{KeyAttr, LocalNames, QueueSpec, TableSpec, Template};
+use crate::template::{GsiSpec, KeyAttr, LocalNames, QueueSpec, TableSpec, Template};
 
 /// SQS's values for attributes a queue in the template leaves unset; an existing queue is
 /// set back to them so that it matches what CloudFormation would create.
@@ -64,6 +64,12 @@ pub enum ProvisionError {
         table: String,
         #[source]
         source: Box<SdkError<CreateTableError>>,
+    },
+    #[error("UpdateTable {table}: {}", DisplayErrorContext(.source))]
+    UpdateTable {
+        table: String,
+        #[source]
+        source: Box<SdkError<UpdateTableError>>,
     },
     #[error("DeleteTable {table}: {}", DisplayErrorContext(.source))]
     DeleteTable {
@@ -291,6 +297,7 @@ async fn ensure_table(
 ) -> Result<(), ProvisionError> {
     match describe_table(dynamodb, name).await? {
         Some(existing) => {
+            let existing = add_missing_indexes(dynamodb, spec, name, existing).await?;
             check_table_shape(spec, name, &existing)?;
             tracing::info!(table = %name, "reusing existing table");
         }
@@ -322,6 +329,92 @@ async fn describe_table(
     }
 }
 
+/// Every key attribute of the table and its indexes, as DynamoDB takes them.
+fn attribute_definitions(
+    spec: &TableSpec,
+    request: &'static str,
+    name: &str,
+) -> Result<Vec<AttributeDefinition>, ProvisionError> {
+    (spec.key_attributes().iter())
+        .map(|key| {
+            AttributeDefinition::builder()
+                .attribute_name(&key.name)
+                .attribute_type(ScalarAttributeType::from(key.attr_type.as_str()))
+                .build()
+                .map_err(|source| ProvisionError::Build {
+                    request,
+                    resource: name.to_string(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+fn projection(gsi: &GsiSpec) -> Projection {
+    Projection::builder()
+        .projection_type(ProjectionType::from(gsi.projection.as_str()))
+        .set_non_key_attributes(
+            (!gsi.non_key_attributes.is_empty()).then(|| gsi.non_key_attributes.clone()),
+        )
+        .build()
+}
+
+/// Adds the template's indexes an existing table lacks, one `UpdateTable` each (DynamoDB
+/// creates one index per update), and waits for them: a table kept from an earlier version of
+/// the template (`make run` keeps its data) gets a new index rather than being refused.
+/// Returns the table as it is afterwards.
+async fn add_missing_indexes(
+    dynamodb: &aws_sdk_dynamodb::Client,
+    spec: &TableSpec,
+    name: &str,
+    existing: TableDescription,
+) -> Result<TableDescription, ProvisionError> {
+    let has = |index: &str| {
+        (existing.global_secondary_indexes().iter()).any(|i| i.index_name() == Some(index))
+    };
+    let missing: Vec<&GsiSpec> = spec.gsis.iter().filter(|g| !has(&g.name)).collect();
+    if missing.is_empty() {
+        return Ok(existing);
+    }
+    for gsi in missing {
+        let create = CreateGlobalSecondaryIndexAction::builder()
+            .index_name(&gsi.name)
+            .set_key_schema(Some(key_schema(
+                &gsi.hash_key,
+                gsi.range_key.as_ref(),
+                name,
+            )?))
+            .projection(projection(gsi))
+            .build()
+            .map_err(|source| ProvisionError::Build {
+                request: "UpdateTable",
+                resource: name.to_string(),
+                source,
+            })?;
+        dynamodb
+            .update_table()
+            .table_name(name)
+            .set_attribute_definitions(Some(attribute_definitions(spec, "UpdateTable", name)?))
+            .global_secondary_index_updates(
+                GlobalSecondaryIndexUpdate::builder().create(create).build(),
+            )
+            .send()
+            .await
+            .map_err(|e| ProvisionError::UpdateTable {
+                table: name.to_string(),
+                source: Box::new(e),
+            })?;
+        tracing::info!(table = %name, index = %gsi.name, "added the template's new index to an existing table");
+        wait_until_active(dynamodb, name).await?;
+    }
+    describe_table(dynamodb, name)
+        .await?
+        .ok_or_else(|| ProvisionError::TableNotActive {
+            table: name.to_string(),
+            waited: Duration::ZERO,
+        })
+}
+
 async fn create_table(
     dynamodb: &aws_sdk_dynamodb::Client,
     spec: &TableSpec,
@@ -332,17 +425,7 @@ async fn create_table(
         resource: name.to_string(),
         source,
     };
-    let attribute_definitions = spec
-        .key_attributes()
-        .iter()
-        .map(|key| {
-            AttributeDefinition::builder()
-                .attribute_name(&key.name)
-                .attribute_type(ScalarAttributeType::from(key.attr_type.as_str()))
-                .build()
-                .map_err(build_error)
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let attribute_definitions = attribute_definitions(spec, "CreateTable", name)?;
     let mut request = dynamodb
         .create_table()
         .table_name(name)
@@ -354,12 +437,6 @@ async fn create_table(
         )?))
         .set_attribute_definitions(Some(attribute_definitions));
     for gsi in &spec.gsis {
-        let projection = Projection::builder()
-            .projection_type(ProjectionType::from(gsi.projection.as_str()))
-            .set_non_key_attributes(
-                (!gsi.non_key_attributes.is_empty()).then(|| gsi.non_key_attributes.clone()),
-            )
-            .build();
         let index = GlobalSecondaryIndex::builder()
             .index_name(&gsi.name)
             .set_key_schema(Some(key_schema(
@@ -367,7 +444,7 @@ async fn create_table(
                 gsi.range_key.as_ref(),
                 name,
             )?))
-            .projection(projection)
+            .projection(projection(gsi))
             .build()
             .map_err(build_error)?;
         request = request.global_secondary_indexes(index);

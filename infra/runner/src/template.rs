@@ -2860,6 +2860,158 @@ Resources:
         assert!(err.contains(at), "{err}");
     }
 
+    /// Conditions, `!If`, conditional resources, Cognito resources and an HTTP API's JWT
+    /// authorizer with a public route.
+    const WITH_CONDITIONS: &str = r#"
+Parameters:
+  Issuer: {Type: String, Default: ""}
+Conditions:
+  OwnPool: !Equals [!Ref Issuer, ""]
+  External: !Not [!Condition OwnPool]
+  Both: !And [!Condition OwnPool, {"Fn::Equals": ["x", "x"]}]
+  Either: {"Fn::Or": [!Condition External, !Equals ["a", "b"]]}
+Resources:
+  Pool:
+    Type: AWS::Cognito::UserPool
+    Condition: OwnPool
+    Properties:
+      Policies: {PasswordPolicy: {MinimumLength: 14, RequireSymbols: false}}
+      AdminCreateUserConfig: {AllowAdminCreateUserOnly: true}
+  Client:
+    Type: AWS::Cognito::UserPoolClient
+    Condition: OwnPool
+    Properties:
+      UserPoolId: !Ref Pool
+      ClientName: web
+      ExplicitAuthFlows: [ALLOW_USER_PASSWORD_AUTH]
+  Admins:
+    Type: AWS::Cognito::UserPoolGroup
+    Condition: OwnPool
+    Properties: {UserPoolId: !Ref Pool, GroupName: admins}
+  Api:
+    Type: AWS::Serverless::HttpApi
+    Properties:
+      Auth:
+        DefaultAuthorizer: Jwt
+        Authorizers:
+          Jwt:
+            JwtConfiguration:
+              issuer: !If [OwnPool, !Sub "https://cognito-idp.${AWS::Region}.amazonaws.com/${Pool}", !Ref Issuer]
+              audience: [!If [OwnPool, !Ref Client, web-app]]
+  Fn:
+    Type: AWS::Serverless::Function
+    Metadata: {BuildProperties: {Binary: fn-bin}}
+    Properties:
+      Environment:
+        Variables:
+          MODE: !If [OwnPool, own, external]
+          LONG: {"Fn::If": [Either, yes, no]}
+      Events:
+        Private: {Type: HttpApi, Properties: {ApiId: !Ref Api, Method: POST, Path: /things}}
+        Public:
+          Type: HttpApi
+          Properties: {ApiId: !Ref Api, Method: GET, Path: /things, Auth: {Authorizer: NONE}}
+"#;
+
+    #[test]
+    fn when_conditions_decide_should_create_only_their_resources_and_pick_their_branches() {
+        let t = Template::from_str(WITH_CONDITIONS).unwrap();
+        let expected = [
+            ("Both", true),
+            ("Either", false),
+            ("External", false),
+            ("OwnPool", true),
+        ];
+        let expected = expected.map(|(k, v)| (k.to_string(), v)).into();
+        assert_eq!(t.conditions, expected);
+        assert_eq!(t.user_pools.len(), 1);
+        let policy = &t.user_pools[0].password_policy;
+        assert_eq!((policy.minimum_length, policy.require_symbols), (14, false));
+        assert!(t.user_pools[0].admin_create_user_only);
+        assert_eq!(t.user_pool_clients[0].user_pool, "Pool");
+        assert_eq!(t.user_pool_clients[0].client_name.as_deref(), Some("web"));
+        assert_eq!(t.user_pool_groups[0].group_name, "admins");
+        let f = t.function("Fn").unwrap();
+        assert_eq!(f.environment["MODE"], EnvValue::Literal("own".into()));
+        assert_eq!(f.environment["LONG"], EnvValue::Literal("no".into()));
+
+        let (private, public) = (&f.http_routes[0], &f.http_routes[1]);
+        assert_eq!(t.route_authorizer(public).unwrap(), None);
+        let jwt = t.route_authorizer(private).unwrap().unwrap();
+        assert_eq!(jwt.identity_source, "$request.header.Authorization");
+        let mut names = LocalNames {
+            region: Some("eu-west-1".into()),
+            ..LocalNames::default()
+        };
+        names
+            .user_pools
+            .insert("Pool".into(), "eu-west-1_abc".into());
+        names
+            .user_pool_clients
+            .insert("Client".into(), "client-1".into());
+        assert_eq!(
+            t.resolve_authorizer(jwt, &names).unwrap(),
+            (
+                "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_abc".to_string(),
+                vec!["client-1".to_string()]
+            )
+        );
+
+        // Another issuer: no pool, client or group, and the other branches.
+        let overrides = [("Issuer".to_string(), "https://id.example.com/".to_string())];
+        let t = t.with_parameter_overrides(overrides.into()).unwrap();
+        assert!(t.user_pools.is_empty() && t.user_pool_clients.is_empty());
+        assert!(t.user_pool_groups.is_empty() && !t.resource_types.contains_key("Pool"));
+        let f = t.function("Fn").unwrap();
+        assert_eq!(f.environment["MODE"], EnvValue::Literal("external".into()));
+        assert_eq!(f.environment["LONG"], EnvValue::Literal("yes".into()));
+        let jwt = t.route_authorizer(&f.http_routes[0]).unwrap().unwrap();
+        assert_eq!(
+            t.resolve_authorizer(jwt, &LocalNames::default()).unwrap(),
+            (
+                "https://id.example.com/".to_string(),
+                vec!["web-app".to_string()]
+            )
+        );
+    }
+
+    #[test]
+    fn when_a_condition_cannot_be_decided_should_refuse_the_template_naming_it() {
+        for (find, replace, says) in [
+            (
+                "OwnPool: !Equals [!Ref Issuer, \"\"]",
+                "OwnPool: !Condition Both",
+                "refers to itself",
+            ),
+            (
+                "!If [OwnPool, own, external]",
+                "!If [Nowhere, own, external]",
+                "Nowhere",
+            ),
+            (
+                "    Condition: OwnPool\n    Properties:\n      Policies",
+                "    Condition: Elsewhere\n    Properties:\n      Policies",
+                "Elsewhere names no condition",
+            ),
+            (
+                "OwnPool: !Equals [!Ref Issuer, \"\"]",
+                "OwnPool: !Equals [!Ref AWS::Region, \"\"]",
+                "cannot know",
+            ),
+            (
+                "DefaultAuthorizer: Jwt",
+                "DefaultAuthorizer: Other",
+                "Other is not one of Auth.Authorizers",
+            ),
+        ] {
+            assert!(WITH_CONDITIONS.contains(find), "{find}");
+            let err = Template::from_str(&WITH_CONDITIONS.replace(find, replace))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{replace}: {err}");
+        }
+    }
+
     /// Each break of SMALL (find, replace), the path its error names (`Events.` stands for
     /// the function's), and what the error says.
     #[rustfmt::skip]
