@@ -1079,6 +1079,9 @@ mod tests {
         assert_eq!(Kind::from_file_name("dynamodb.pid"), Some(Kind::DynamoDb));
         assert_eq!(Kind::from_file_name("sqs-9400.pid"), Some(Kind::Sqs));
         assert_eq!(Kind::from_file_name("other.pid"), None);
+        // What infra/scripts/sam-local.sh records, so that `make stop` stops it too.
+        assert_eq!(Kind::from_file_name("dockerd.pid"), Some(Kind::Dockerd));
+        assert_eq!(Kind::from_file_name("sam-relay.pid"), Some(Kind::SamRelay));
     }
 
     #[test]
