@@ -209,6 +209,13 @@ build_stand_in() {
     done
     ln -s "aarch64-linux-gnu/ld-linux-aarch64.so.1" "$root/lib/ld-linux-aarch64.so.1"
     echo 'hosts: files dns' >"$root/etc/nsswitch.conf"
+    # This machine's CA bundle, where Amazon Linux and Debian keep theirs (only HTTPS would
+    # need it; the local endpoints are plain HTTP).
+    if [ -r /etc/ssl/certs/ca-certificates.crt ]; then
+        mkdir -p "$root/etc/pki/tls/certs" "$root/etc/ssl/certs"
+        cp /etc/ssl/certs/ca-certificates.crt "$root/etc/pki/tls/certs/ca-bundle.crt"
+        ln -s ../../pki/tls/certs/ca-bundle.crt "$root/etc/ssl/certs/ca-certificates.crt"
+    fi
     chmod 1777 "$root/tmp"
     tar -C "$root" -c . | docker import \
         -c 'ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=en_US.UTF-8 TZ=:/etc/localtime LAMBDA_TASK_ROOT=/var/task LAMBDA_RUNTIME_DIR=/var/runtime' \
@@ -219,15 +226,29 @@ build_stand_in() {
 }
 
 # --- the relay to moto --------------------------------------------------------------------------
+# The address `host-gateway` stands for: the default bridge's address (dockerd's default
+# --host-gateway-ip). A fresh daemon's IPAM config often names no gateway: then the address of
+# the bridge interface itself.
 bridge_gateway() {
-    docker network inspect bridge --format '{{range .IPAM.Config}}{{.Gateway}}{{end}}' 2>/dev/null
+    local gw name
+    gw="$(docker network inspect bridge --format '{{range .IPAM.Config}}{{.Gateway}}{{end}}' 2>/dev/null || true)"
+    if [ -z "$gw" ]; then
+        name="$(docker network inspect bridge \
+            --format '{{index .Options "com.docker.network.bridge.name"}}' 2>/dev/null || true)"
+        gw="$(ip -4 -o addr show dev "${name:-docker0}" 2>/dev/null | awk '{ print $4 }' | cut -d/ -f1 | head -n1)"
+    fi
+    printf '%s\n' "$gw"
 }
 
 ensure_relay() {
     local gw
     gw="$(bridge_gateway)"
-    # Docker Desktop, or a daemon elsewhere: the gateway is not an address of this machine.
+    # Docker Desktop, or a daemon elsewhere: the gateway is not an address of this machine,
+    # and the daemon forwards host.docker.internal by itself.
     if [ -z "$gw" ] || ! ip -4 -o addr show 2>/dev/null | grep -q " $gw/"; then
+        [ "${DOCKER_HOST:-}" != "unix://$SOCK" ] ||
+            die "cannot find the Docker bridge's address on this machine (found '${gw}')"
+        log "the Docker bridge is not on this machine: no relay to moto"
         return
     fi
     if live_pid "$PIDS/sam-relay.pid" sam-relay >/dev/null; then

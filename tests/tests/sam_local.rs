@@ -242,6 +242,7 @@ impl<'d> StartLambda<'d> {
             ),
             log: self.log.clone(),
             http: Client::builder(TokioExecutor::new()).build_http(),
+            took: Vec::new(),
         }
     }
 
@@ -289,10 +290,13 @@ struct SamFunction {
     url: String,
     log: PathBuf,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// How long each invocation took, in order (the first one starts the container).
+    took: Vec<Duration>,
 }
 
 impl SamFunction {
     async fn invoke_file(&mut self, file: &str) -> Value {
+        let at = Instant::now();
         let body = std::fs::read(event_path(file)).unwrap();
         let request = hyper::Request::post(&self.url)
             .header("content-type", "application/json")
@@ -318,6 +322,7 @@ impl SamFunction {
         })
         .unwrap_or_else(|e| panic!("{}: events/{file}: {e}", self.url));
         let (status, error, bytes) = response;
+        self.took.push(at.elapsed());
         let text = String::from_utf8_lossy(&bytes);
         assert!(
             status.is_success() && error.is_none(),
@@ -371,11 +376,15 @@ async fn when_sam_local_invokes_every_event_should_answer_as_the_binaries_do() {
 
     let sam = StartLambda::start(&docker, &template_path, &env_path, dir.join("sam.log")).await;
     let mut per_function = Vec::new();
+    let (mut first, mut warm) = (Vec::new(), Vec::new());
     for (function, t) in functions.iter().zip(&stacks) {
         let at = Instant::now();
-        events::run_scenario(function, t, sam.function(function)).await;
+        let f = events::run_scenario(function, t, sam.function(function)).await;
         per_function.push(format!("{function} {:.1?}", at.elapsed()));
+        first.extend(f.took.first().copied());
+        warm.extend(f.took.iter().skip(1).copied());
     }
+    warm.sort();
     let left = sam.stop().await;
     assert!(
         left.is_empty(),
@@ -384,11 +393,19 @@ async fn when_sam_local_invokes_every_event_should_answer_as_the_binaries_do() {
     for t in stacks {
         t.stop().await;
     }
+    // Measurements for the log only: nothing here depends on speed.
     eprintln!(
         "sam local: build check {built:.1?}, set-up {:.1?}, scenarios {}; total {:.1?}",
         set_up - built,
         per_function.join(", "),
         started.elapsed()
+    );
+    eprintln!(
+        "sam local: first invoke of each function (container start) {first:.2?}; \
+         warm invokes: {} , median {:.2?}, max {:.2?}",
+        warm.len(),
+        warm.get(warm.len() / 2).copied().unwrap_or_default(),
+        warm.last().copied().unwrap_or_default()
     );
 }
 
