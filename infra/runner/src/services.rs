@@ -1105,6 +1105,28 @@ mod tests {
     }
 
     #[test]
+    fn stop_from_pid_files_stops_the_relay_that_sam_local_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = pid_dir(tmp.path());
+        fs::create_dir_all(&dir).unwrap();
+        // A stand-in whose command line names sam-relay (bash's $0), in a session of its own
+        // as infra/scripts/sam-local.sh starts it (setsid).
+        let mut child = std::process::Command::new("setsid")
+            .args(["bash", "-c", "sleep 60", "sam-relay"])
+            .spawn()
+            .unwrap();
+        fs::write(dir.join("sam-relay.pid"), format!("{}\n", child.id())).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_live_service(child.id(), Kind::SamRelay) {
+            assert!(Instant::now() < deadline, "the stand-in did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stop_from_pid_files(tmp.path()), 1);
+        assert!(child.wait().is_ok());
+        assert!(!dir.join("sam-relay.pid").exists());
+    }
+
+    #[test]
     fn liveness() {
         assert!(to_pid(std::process::id()).is_some_and(process_alive));
         assert!(!is_live_service(std::process::id(), Kind::Sqs));
