@@ -42,7 +42,7 @@ redrive: ## Move messages from a DLQ back to its queue: make redrive QUEUE=Stock
 	@if [ -z "$(QUEUE)" ]; then echo "usage: make redrive QUEUE=StockDeadLetterQueue (or PaymentDeadLetterQueue, CoordinatorDeadLetterQueue)"; exit 2; fi
 	$(CARGO) run -q -p local-runner --bin saga-local -- redrive --queue $(QUEUE) $(ARGS)
 
-bench: setup-tools ## Budgets: cold start to first event, release binary sizes, AWS calls per confirmed order
+bench: setup-tools ## Benchmark report (target/bench/report.md): the stock function beside Node.js and Python peers, cold starts, sizes, calls, AWS projection; fails on a missed budget
 	infra/scripts/bench.sh
 
 fmt: ## Format the Rust code
