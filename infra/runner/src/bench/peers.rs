@@ -197,8 +197,8 @@ pub async fn measure(opts: &PeersOptions) -> Result<PeersRun, String> {
             .iter()
             .map(|r| RuntimeSamples {
                 name: r.name.clone(),
-                command: r.command_line(),
-                cwd: r.cwd.display().to_string(),
+                command: relative(&r.command_line(), &opts.repo_root),
+                cwd: relative(&r.cwd.display().to_string(), &opts.repo_root),
                 ..Default::default()
             })
             .collect();
@@ -460,6 +460,13 @@ async fn run_once(
         warm_ms: durations[1..].to_vec(),
         peak_rss_kib,
     })
+}
+
+/// `text` with the repository's path made relative (the report is committed).
+fn relative(text: &str, root: &Path) -> String {
+    let root = root.display().to_string();
+    let root = root.trim_end_matches('/');
+    text.replace(&format!("{root}/"), "").replace(root, ".")
 }
 
 fn ms(d: Duration) -> f64 {
