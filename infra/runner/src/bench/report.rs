@@ -466,6 +466,9 @@ pub fn write(dir: &Path, repo_root: &Path, check_budgets: bool) -> std::io::Resu
     Ok(verdicts)
 }
 
+/// Where a plot's whisker runs, from a runtime's summary.
+type RangeOf = fn(&Summary) -> (f64, f64);
+
 fn write_peers(
     md: &mut String,
     dir: &Path,
@@ -529,9 +532,7 @@ fn write_peers(
         let _ = writeln!(md, "- {}: `{}` (in `{}`)", r.name, r.command, r.cwd);
     }
     let _ = writeln!(md, "\nMeasured by: `{}` ({:.0} s)\n", p.command, p.seconds);
-    let bars = |value: fn(&Summary) -> f64,
-                range: Option<fn(&Summary) -> (f64, f64)>,
-                unit: &str| {
+    let bars = |value: fn(&Summary) -> f64, range: Option<RangeOf>, unit: &str| {
         summaries
             .iter()
             .map(|s| Bar {
