@@ -16,17 +16,34 @@ use local_runner::bench::peers::{self, PeersOptions, Runtime};
 use local_runner::bench::report;
 use saga_tests::{repo_root, services};
 
-/// `target/release/stock`, built if missing (a no-op when `make build` or the binaries test
-/// built it).
+/// `target/release/stock`, built if missing. Built with the same package set as `make build`,
+/// `make bench` and the binaries test: building `-p stock` alone unifies features differently
+/// and would relink the binary (minutes with LTO) every time one of them ran in between.
 fn stock_binary() -> PathBuf {
     let root = repo_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "stock"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "order-api",
+            "-p",
+            "stock",
+            "-p",
+            "payment",
+            "-p",
+            "coordinator",
+            "-p",
+            "sweeper",
+        ])
         .current_dir(&root)
         .status()
         .expect("run cargo build");
-    assert!(status.success(), "cargo build --release -p stock failed");
+    assert!(
+        status.success(),
+        "cargo build --release of the functions failed"
+    );
     root.join("target/release/stock")
 }
 
