@@ -48,7 +48,7 @@ sam-invoke: setup-tools ## One function on one event with sam local invoke: make
 	@if [ -z "$(FN)" ] || [ -z "$(EVENT)" ]; then echo "usage: make sam-invoke FN=StockFunction EVENT=events/sqs-stock-reserve.json (FN: a function of template.yaml; EVENT: a file of events/)"; exit 2; fi
 	infra/scripts/sam-local.sh invoke $(FN) $(EVENT)
 
-bench: setup-tools ## Budgets: cold start to first event, release binary sizes, AWS calls per confirmed order
+bench: setup-tools ## Benchmark report (target/bench/report.md): the stock function beside Node.js and Python peers, cold starts, sizes, calls, AWS projection; fails on a missed budget
 	infra/scripts/bench.sh
 
 fmt: ## Format the Rust code

@@ -11,6 +11,7 @@
 //! - [`counting`] and [`access`]: record the AWS calls the stack makes, all of them (the
 //!   budget benchmark) or per function as IAM sees them (the least-privilege test).
 pub mod access;
+pub mod bench;
 pub mod counting;
 pub mod esm;
 pub mod http;
