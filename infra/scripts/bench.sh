@@ -1,35 +1,45 @@
 #!/usr/bin/env bash
-# The design budgets, measured (make bench):
-#   1. each function ready for its first event within 10 ms of process start (SDK clients built);
-#   2. a release binary of at most 5 MB;
-#   3. a confirmed order costs at most 13 AWS calls (8 DynamoDB writes, 1 batch read, 4 SQS sends).
-# Exits non-zero if a budget is exceeded.
+# make bench: measures everything and writes target/bench/report.md with its plots.
+#   1. the stock function beside its peers (bench/peers: Node.js SDK v3, Python boto3, Python
+#      Powertools), interleaved on one fake Runtime API: init, first event, warm p50/p99, peak RSS;
+#   2. every function's cold start (process start -> first /next; budget 10 ms);
+#   3. the arm64 artifacts' sizes (budget 5 MB);
+#   4. AWS calls per confirmed order (budget 13), and from them the AWS projection.
+# Then `saga-bench report` checks every budget (also: init >= 20x faster than the Node peer, peak
+# RSS <= 1/4 of the Node peer's) and exits non-zero naming any missed one.
+# BENCH_ROUNDS / BENCH_WARM / BENCH_RUNS shorten or lengthen the runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 FUNCTIONS=(order-api stock payment coordinator sweeper)
-SIZE_BUDGET=5000000
+OUT=target/bench
+started=$SECONDS
+phase() { echo; echo "== [$((SECONDS - started)) s] $*"; }
 status=0
 
-echo "== building release binaries (LTO, opt-level z, strip)"
+phase "installing the peers (bench/peers/install.sh)"
+bench/peers/install.sh
+
+phase "building release binaries (LTO, opt-level z, strip) and saga-bench"
 cargo build --release $(printf -- '-p %s ' "${FUNCTIONS[@]}")
 cargo build -p local-runner --bin saga-bench
+rm -rf "$OUT" && mkdir -p "$OUT"
 
-echo
-echo "== Lambda artifacts: arm64 bootstrap per function, as sam build makes them (budget 5 MB)"
+phase "one function, side by side (${BENCH_ROUNDS:-10} interleaved rounds x (1 + ${BENCH_WARM:-25}) events per runtime)"
+target/debug/saga-bench peers --rounds "${BENCH_ROUNDS:-10}" --warm "${BENCH_WARM:-25}" \
+  --json "$OUT/peers.json" --logs "$OUT/logs" || status=1
+
+phase "Lambda artifacts: cargo lambda build --release --arm64"
 cargo lambda build --release --arm64 $(printf -- '--bin %s ' "${FUNCTIONS[@]}") >/dev/null
-for f in "${FUNCTIONS[@]}"; do
-  size=$(stat -c %s "target/lambda/$f/bootstrap")
-  verdict=ok; [ "$size" -le "$SIZE_BUDGET" ] || { verdict=OVER; status=1; }
-  printf '  %-12s %8d bytes  %5.2f MiB  %s\n' "$f" "$size" "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')" "$verdict"
-done
-echo "== for reference: the same binaries built for this machine ($(uname -m)), which the cold-start run uses"
-for f in "${FUNCTIONS[@]}"; do
-  size=$(stat -c %s "target/release/$f")
-  printf '  %-12s %8d bytes  %5.2f MiB\n' "$f" "$size" "$(awk -v s="$size" 'BEGIN { print s / 1048576 }')"
-done
+target/debug/saga-bench sizes --json "$OUT/sizes.json" "${FUNCTIONS[@]}" || true
 
-echo
-target/debug/saga-bench cold-start --runs "${BENCH_RUNS:-30}" $(printf -- 'target/release/%s ' "${FUNCTIONS[@]}") || status=1
-echo
-RUST_LOG=error target/debug/saga-bench calls || status=1
+phase "cold start of every function (${BENCH_RUNS:-30} runs each)"
+target/debug/saga-bench cold-start --runs "${BENCH_RUNS:-30}" --json "$OUT/cold-start.json" \
+  $(printf -- 'target/release/%s ' "${FUNCTIONS[@]}") || true
+
+phase "AWS calls per confirmed order"
+RUST_LOG=error target/debug/saga-bench calls --json "$OUT/calls.json" || true
+
+phase "report and budgets"
+target/debug/saga-bench report --dir "$OUT" || status=1
+echo "make bench took $((SECONDS - started)) s"
 exit $status

@@ -20,7 +20,9 @@ use local_runner::stack::{Stack, StackOptions};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
+pub mod events;
 pub mod logs;
+pub mod sam;
 pub mod templates;
 
 pub use local_runner;
@@ -872,7 +874,7 @@ impl<'a> Pacer<'a> {
 }
 
 /// The newest modification time of the files under `dir` (recursively).
-fn newest(dir: &Path) -> SystemTime {
+pub(crate) fn newest(dir: &Path) -> SystemTime {
     let mut latest = SystemTime::UNIX_EPOCH;
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();

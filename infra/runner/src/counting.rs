@@ -21,6 +21,9 @@ pub struct Call {
     pub operation: String,
     /// DynamoDB tables the call touches (empty for SQS).
     pub tables: Vec<String>,
+    /// Items the call writes or reads: the actions of a transaction, the keys or requests of
+    /// a batch, 1 otherwise (what DynamoDB's request units are counted on).
+    pub items: usize,
 }
 
 /// Records every call made through the clients it is attached to.
@@ -45,6 +48,30 @@ impl CallCounter {
     }
 }
 
+/// How many items a DynamoDB call acts on (1 for any other call).
+fn items(input: &aws_smithy_runtime_api::client::interceptors::context::Input) -> usize {
+    use aws_sdk_dynamodb::operation as ddb;
+    if let Some(i) = input.downcast_ref::<ddb::transact_write_items::TransactWriteItemsInput>() {
+        return i.transact_items.as_ref().map_or(0, Vec::len);
+    }
+    if let Some(i) = input.downcast_ref::<ddb::transact_get_items::TransactGetItemsInput>() {
+        return i.transact_items.as_ref().map_or(0, Vec::len);
+    }
+    if let Some(i) = input.downcast_ref::<ddb::batch_get_item::BatchGetItemInput>() {
+        return i
+            .request_items
+            .as_ref()
+            .map_or(0, |m| m.values().map(|k| k.keys.len()).sum());
+    }
+    if let Some(i) = input.downcast_ref::<ddb::batch_write_item::BatchWriteItemInput>() {
+        return i
+            .request_items
+            .as_ref()
+            .map_or(0, |m| m.values().map(Vec::len).sum());
+    }
+    1
+}
+
 impl Intercept for CallCounter {
     fn name(&self) -> &'static str {
         "CallCounter"
@@ -62,6 +89,7 @@ impl Intercept for CallCounter {
             .unwrap_or_default();
         let call = Call {
             tables: crate::access::tables(&service, &operation, context.input()),
+            items: items(context.input()),
             service,
             operation,
         };

@@ -7,10 +7,12 @@
 //! - [`esm`]: Lambda's SQS event source mapping in front of the queue consumers;
 //! - [`pacing`]: scaled timeouts, back-off and fewer pollers when the machine is slow;
 //! - [`redrive`]: moves messages from a DLQ back to its source queue;
+//! - [`sam`]: what `sam local` needs to run the built functions against the local stack;
 //! - [`counting`] and [`access`]: record the AWS calls the stack makes, all of them (the
 //!   budget benchmark) or per function as IAM sees them (the least-privilege test).
 pub mod access;
 pub mod authorizer;
+pub mod bench;
 pub mod cognito;
 pub mod counting;
 pub mod esm;
@@ -18,6 +20,7 @@ pub mod http;
 pub mod pacing;
 pub mod provision;
 pub mod redrive;
+pub mod sam;
 pub mod services;
 pub mod stack;
 pub mod template;

@@ -8,10 +8,14 @@
 //! saga-local redrive --queue NAME [--max N]     DLQ -> source queue (local names), or
 //! saga-local redrive --dlq-url URL --target-url URL [--max N]
 //! saga-local redrive --dlq-url URL --move-task --dlq-arn ARN
+//! saga-local sam-env [--prefix P]                .local/sam/{env.json,template.yaml} for `sam local`
+//! saga-local sam-relay --listen A:P --to A:P     a TCP relay (moto to the Docker bridge)
 //! ```
 //! Every setting of `run` can also come from the environment (`PAYMENT_FAILURE_RATE`,
 //! `SAGA_FAULTS`, ...), as `run --help` lists.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -68,6 +72,41 @@ enum Cmd {
     /// with credentials and region from the environment): `--dlq-url` with `--target-url`
     /// does the same, and `--move-task` lets SQS move the messages instead.
     Redrive(RedriveArgs),
+    /// Write what `sam local` needs to run the built functions against the local stack
+    ///
+    /// Starts (or reuses) the local services, creates (or reuses) the template's tables and
+    /// queues as `run` does, and writes into --out-dir: `env.json`, the `--env-vars` file
+    /// (every function's environment from template.yaml, resolved to the local resources and
+    /// to addresses a container reaches), and `template.yaml`, SAM's built template that
+    /// also declares the endpoint variables (SAM passes only declared ones). `make
+    /// sam-invoke` runs it; see docs/deploy.md.
+    SamEnv(SamEnvArgs),
+    /// Forward TCP connections from --listen to --to (for `sam local`: moto listens on
+    /// 127.0.0.1 only, and a container reaches this machine at the Docker bridge's address)
+    SamRelay {
+        /// Where to listen, e.g. the bridge's gateway 172.17.0.1:9324
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: SocketAddr,
+        /// Where to connect, e.g. 127.0.0.1:9324
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: SocketAddr,
+    },
+}
+
+/// The settings of `sam-env`.
+#[derive(Args, Debug)]
+struct SamEnvArgs {
+    /// Where to write env.json and template.yaml
+    #[arg(long, value_name = "DIR", default_value = ".local/sam")]
+    out_dir: PathBuf,
+
+    /// SAM's build directory (what `sam build` wrote)
+    #[arg(long, value_name = "DIR", default_value = ".aws-sam/build")]
+    build_dir: PathBuf,
+
+    /// The local resources' name prefix, as `run` was given it (none when unset)
+    #[arg(long, env = "SAGA_PREFIX", value_parser = blank_means(String::new()))]
+    prefix: Option<String>,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -253,6 +292,8 @@ async fn main() -> ExitCode {
         }
         Cmd::Redrive(args) => redrive(args).await,
         Cmd::Token(args) => token(args).await,
+        Cmd::SamEnv(args) => sam_env(args).await,
+        Cmd::SamRelay { listen, to } => sam_relay(listen, to).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -275,6 +316,64 @@ async fn services_up() -> Result<(), String> {
     );
     // Leave them running: `saga-local services down` stops them.
     std::mem::forget(s);
+    Ok(())
+}
+
+async fn sam_env(args: SamEnvArgs) -> Result<(), String> {
+    let root = repo_root();
+    let at_root = |p: &PathBuf| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            root.join(p)
+        }
+    };
+    let (out_dir, build_dir) = (at_root(&args.out_dir), at_root(&args.build_dir));
+    // The built template first: without it there is nothing to run.
+    let local_template = local_runner::sam::local_template(&build_dir)?;
+
+    let mut service_opts = ServiceOptions::new(root.clone());
+    service_opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
+    let services = services::ensure_services(&service_opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = local_runner::sam::Endpoints {
+        dynamodb: services.dynamodb_endpoint(),
+        sqs: services.sqs_endpoint(),
+    };
+    // Left running, as `services up` leaves them: `make stop` stops them.
+    std::mem::forget(services);
+
+    let template = Template::from_file(root.join("template.yaml")).map_err(|e| e.to_string())?;
+    let clients = local_clients(&host.dynamodb, &host.sqs, "us-east-1").await;
+    let prefix = args.prefix.unwrap_or_default();
+    let names =
+        local_runner::provision::provision(&template, &prefix, &clients.dynamodb, &clients.sqs)
+            .await
+            .map_err(|e| e.to_string())?;
+    let env = local_runner::sam::env_vars_for_stack(&template, &names, &host, &BTreeMap::new())?;
+
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let write = |name: &str, text: String| {
+        let path = out_dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok::<(), String>(())
+    };
+    write(
+        "env.json",
+        serde_json::to_string_pretty(&env).map_err(|e| e.to_string())? + "\n",
+    )?;
+    write("template.yaml", local_template)?;
+    Ok(())
+}
+
+async fn sam_relay(listen: SocketAddr, to: SocketAddr) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("listen on {listen}: {e}"))?;
+    println!("relaying {listen} -> {to}");
+    local_runner::sam::relay(listener, to).await;
     Ok(())
 }
 

@@ -135,15 +135,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ServiceError + '_ {
 enum Kind {
     DynamoDb,
     Sqs,
+    /// The Docker daemon that `infra/scripts/sam-local.sh` starts for `sam local` (its data
+    /// and exec roots under `.local/docker`); only ever stopped here.
+    Dockerd,
+    /// The relay `saga-local sam-relay` that the same script starts, from the Docker bridge's
+    /// address to moto on 127.0.0.1; only ever stopped here.
+    SamRelay,
 }
 
 impl Kind {
-    const ALL: [Kind; 2] = [Kind::DynamoDb, Kind::Sqs];
+    const ALL: [Kind; 4] = [Kind::DynamoDb, Kind::Sqs, Kind::Dockerd, Kind::SamRelay];
 
     fn service(self) -> &'static str {
         match self {
             Kind::DynamoDb => "DynamoDB Local",
             Kind::Sqs => "moto (SQS)",
+            Kind::Dockerd => "dockerd (sam local)",
+            Kind::SamRelay => "sam-relay (sam local)",
         }
     }
 
@@ -152,6 +160,8 @@ impl Kind {
         match self {
             Kind::DynamoDb => "dynamodb",
             Kind::Sqs => "sqs",
+            Kind::Dockerd => "dockerd",
+            Kind::SamRelay => "sam-relay",
         }
     }
 
@@ -159,6 +169,8 @@ impl Kind {
         match self {
             Kind::DynamoDb => 8000,
             Kind::Sqs => 9324,
+            // Neither is started here, so neither has a port of its own in its file names.
+            Kind::Dockerd | Kind::SamRelay => 0,
         }
     }
 
@@ -169,6 +181,17 @@ impl Kind {
             Kind::DynamoDb => "DynamoDBLocal",
             // infra/moto/serve.py, or moto_server as an older version of the runner started it.
             Kind::Sqs => "moto",
+            Kind::Dockerd => "dockerd",
+            Kind::SamRelay => "sam-relay",
+        }
+    }
+
+    /// Between SIGTERM and SIGKILL: dockerd stops its containers first (it is started with
+    /// `--shutdown-timeout 10`).
+    fn stop_grace(self) -> Duration {
+        match self {
+            Kind::Dockerd => Duration::from_secs(30),
+            _ => STOP_GRACE,
         }
     }
 
@@ -182,6 +205,7 @@ impl Kind {
         match self {
             Kind::DynamoDb => opts.dynamodb_port,
             Kind::Sqs => opts.sqs_port,
+            Kind::Dockerd | Kind::SamRelay => 0,
         }
     }
 
@@ -608,6 +632,9 @@ fn command_line(
             args.extend(["-H", "127.0.0.1", "-p", &port].map(String::from));
             Ok((python, args))
         }
+        Kind::Dockerd | Kind::SamRelay => {
+            unreachable!("{} is started by sam-local.sh", kind.stem())
+        }
     }
 }
 
@@ -733,7 +760,7 @@ fn terminate_blocking(pid: u32, kind: Kind) -> bool {
         }
     };
     signal_group(pid, Signal::TERM);
-    if gone_within(STOP_GRACE) {
+    if gone_within(kind.stop_grace()) {
         return true;
     }
     signal_group(pid, Signal::KILL);
@@ -801,6 +828,7 @@ fn probe_request(kind: Kind, port: u16) -> http::Request<Full<Bytes>> {
     let target = match kind {
         Kind::DynamoDb => "DynamoDB_20120810.ListTables",
         Kind::Sqs => "AmazonSQS.ListQueues",
+        Kind::Dockerd | Kind::SamRelay => unreachable!("{} is not probed", kind.stem()),
     };
     let mut request = http::Request::post(format!("http://127.0.0.1:{port}/"))
         .header(header::CONTENT_TYPE, "application/x-amz-json-1.0")
@@ -846,6 +874,7 @@ fn is_expected(kind: Kind, r: &HttpResponse) -> bool {
         }
         // DynamoDB Local answers 400 InvalidAction to this.
         Kind::Sqs => r.status == 200 && r.is_json() && r.body.trim_start().starts_with('{'),
+        Kind::Dockerd | Kind::SamRelay => false,
     }
 }
 
@@ -1050,6 +1079,9 @@ mod tests {
         assert_eq!(Kind::from_file_name("dynamodb.pid"), Some(Kind::DynamoDb));
         assert_eq!(Kind::from_file_name("sqs-9400.pid"), Some(Kind::Sqs));
         assert_eq!(Kind::from_file_name("other.pid"), None);
+        // What infra/scripts/sam-local.sh records, so that `make stop` stops it too.
+        assert_eq!(Kind::from_file_name("dockerd.pid"), Some(Kind::Dockerd));
+        assert_eq!(Kind::from_file_name("sam-relay.pid"), Some(Kind::SamRelay));
     }
 
     #[test]
@@ -1070,6 +1102,28 @@ mod tests {
         assert!(!dir.join("dynamodb.pid").exists());
         assert!(!dir.join("sqs.pid").exists());
         assert!(dir.join("notes.txt").exists());
+    }
+
+    #[test]
+    fn stop_from_pid_files_stops_the_relay_that_sam_local_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = pid_dir(tmp.path());
+        fs::create_dir_all(&dir).unwrap();
+        // A stand-in whose command line names sam-relay (bash's $0), in a session of its own
+        // as infra/scripts/sam-local.sh starts it (setsid).
+        let mut child = std::process::Command::new("setsid")
+            .args(["bash", "-c", "sleep 60", "sam-relay"])
+            .spawn()
+            .unwrap();
+        fs::write(dir.join("sam-relay.pid"), format!("{}\n", child.id())).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_live_service(child.id(), Kind::SamRelay) {
+            assert!(Instant::now() < deadline, "the stand-in did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(stop_from_pid_files(tmp.path()), 1);
+        assert!(child.wait().is_ok());
+        assert!(!dir.join("sam-relay.pid").exists());
     }
 
     #[test]

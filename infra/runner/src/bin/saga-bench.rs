@@ -1,23 +1,32 @@
 //! `saga-bench`: measures the design budgets (run by `make bench`).
 //!
 //! ```text
-//! saga-bench cold-start [--runs N] BINARY...   process start -> first GET .../invocation/next
-//! saga-bench calls                             AWS calls made for one confirmed order
+//! saga-bench cold-start [--runs N] [--json F] BINARY...   process start -> first GET .../invocation/next
+//! saga-bench sizes [--json F] FUNCTION...                 the arm64 artifacts' sizes
+//! saga-bench calls [--json F]                             AWS calls made for one confirmed order
+//! saga-bench peers [--rounds N] [--warm N] ...            the stock function beside its Node.js and Python peers
+//! saga-bench report [--dir D] [--no-budgets]              report.md and its plots; every budget checked
 //! ```
-//! Exits non-zero when a budget is exceeded.
+//! Each measurement can write its samples as JSON (with the command that made them) for the
+//! report. Exits non-zero when a budget is missed, naming it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use local_runner::bench::peers::{self, PeersOptions, Runtime};
+use local_runner::bench::report::{
+    self, CallsRun, ColdStartRun, FunctionColdStart, OrderCalls, SizesRun,
+};
 use local_runner::counting::{Call, CallCounter};
 use local_runner::services::{self, ServiceOptions};
 use local_runner::stack::{Stack, StackOptions, local_clients};
 
-const COLD_START_BUDGET_MS: f64 = 10.0;
+const COLD_START_BUDGET_MS: f64 = report::COLD_START_BUDGET_MS;
 
 /// Measures the design budgets (`make bench` runs it); exits non-zero when one is exceeded.
 #[derive(Parser, Debug)]
@@ -35,20 +44,132 @@ enum Cmd {
         /// Starts per binary
         #[arg(long, default_value_t = 30)]
         runs: usize,
+        /// Also write the samples here (for `report`)
+        #[arg(long)]
+        json: Option<PathBuf>,
         /// The functions' release binaries
         binaries: Vec<String>,
     },
+    /// Sizes of the arm64 artifacts (`ARTIFACTS/NAME/bootstrap`; budget 5 MB) and, for
+    /// reference, of the host's release binaries (`HOST/NAME`)
+    Sizes {
+        #[arg(long, default_value = "target/lambda")]
+        artifacts: PathBuf,
+        #[arg(long, default_value = "target/release")]
+        host: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The functions
+        functions: Vec<String>,
+    },
     /// AWS calls made for one confirmed order, against the local stack (run from the
     /// repository)
-    Calls,
+    Calls {
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The stock function beside its peers (bench/peers), on a fake Runtime API, against the
+    /// local DynamoDB Local and moto (run from the repository)
+    Peers {
+        /// The stock function's binary
+        #[arg(long, default_value = "target/release/stock")]
+        stock: PathBuf,
+        #[arg(long, default_value = "bench/peers")]
+        peers_dir: PathBuf,
+        /// Which runtimes, in order: rust, node, python-boto3, python-powertools
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "rust,node,python-boto3,python-powertools"
+        )]
+        runtimes: Vec<String>,
+        /// Starts of each runtime (interleaved)
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// Warm events after each start's first
+        #[arg(long, default_value_t = 25)]
+        warm: usize,
+        #[arg(long, default_value = "target/bench/peers.json")]
+        json: PathBuf,
+        /// Each process's output goes here
+        #[arg(long, default_value = "target/bench/logs")]
+        logs: PathBuf,
+    },
+    /// Writes DIR/report.md and its plots from the JSON files in DIR, and checks every budget
+    Report {
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Write the report from what is there without checking the budgets
+        #[arg(long)]
+        no_budgets: bool,
+    },
+}
+
+/// The command line that ran, for the report.
+fn command_line() -> String {
+    let mut args = std::env::args();
+    let program = args
+        .next()
+        .map(|p| {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            Path::new(&p)
+                .strip_prefix(&cwd)
+                .map(|r| r.display().to_string())
+                .unwrap_or(p)
+        })
+        .unwrap_or_default();
+    std::iter::once(program)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> bool {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(
+        path,
+        serde_json::to_string_pretty(value).expect("serializable"),
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            false
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let ok = match Cli::parse().command {
-        Cmd::ColdStart { runs, binaries } => cold_start(runs, &binaries),
-        Cmd::Calls => tokio::runtime::Runtime::new()
+        Cmd::ColdStart {
+            runs,
+            json,
+            binaries,
+        } => cold_start(runs, &binaries, json.as_deref()),
+        Cmd::Sizes {
+            artifacts,
+            host,
+            json,
+            functions,
+        } => sizes(&artifacts, &host, &functions, json.as_deref()),
+        Cmd::Calls { json } => tokio::runtime::Runtime::new()
             .expect("runtime")
-            .block_on(calls()),
+            .block_on(calls(json.as_deref())),
+        Cmd::Peers {
+            stock,
+            peers_dir,
+            runtimes,
+            rounds,
+            warm,
+            json,
+            logs,
+        } => tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(run_peers(
+                stock, peers_dir, runtimes, rounds, warm, json, logs,
+            )),
+        Cmd::Report { dir, no_budgets } => write_report(&dir, !no_budgets),
     };
     if ok {
         ExitCode::SUCCESS
@@ -91,8 +212,165 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn cold_start(runs: usize, binaries: &[String]) -> bool {
+fn sizes(artifacts: &Path, host: &Path, functions: &[String], json: Option<&Path>) -> bool {
+    let size = |p: PathBuf| {
+        std::fs::metadata(&p)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let mut run = SizesRun {
+        command: command_line(),
+        artifacts: Vec::new(),
+        host: Vec::new(),
+    };
     let mut ok = true;
+    println!(
+        "Lambda artifacts: arm64 bootstrap per function, as sam build makes them (budget {} bytes)",
+        report::SIZE_BUDGET_BYTES
+    );
+    for f in functions {
+        match size(artifacts.join(f).join("bootstrap")) {
+            Ok(bytes) => {
+                let verdict = if bytes <= report::SIZE_BUDGET_BYTES {
+                    "ok"
+                } else {
+                    ok = false;
+                    "OVER"
+                };
+                println!(
+                    "  {f:<12} {bytes:>8} bytes  {:>5.2} MiB  {verdict}",
+                    bytes as f64 / 1_048_576.0
+                );
+                run.artifacts.push((f.clone(), bytes));
+            }
+            Err(e) => {
+                eprintln!("  {e}");
+                ok = false;
+            }
+        }
+    }
+    println!(
+        "for reference: the same binaries built for this machine, which the cold-start run uses"
+    );
+    for f in functions {
+        if let Ok(bytes) = size(host.join(f)) {
+            println!(
+                "  {f:<12} {bytes:>8} bytes  {:>5.2} MiB",
+                bytes as f64 / 1_048_576.0
+            );
+            run.host.push((f.clone(), bytes));
+        }
+    }
+    if let Some(path) = json {
+        ok &= write_json(path, &run);
+    }
+    ok
+}
+
+async fn run_peers(
+    stock: PathBuf,
+    peers_dir: PathBuf,
+    names: Vec<String>,
+    rounds: usize,
+    warm: usize,
+    json: PathBuf,
+    logs: PathBuf,
+) -> bool {
+    let root = std::env::current_dir().expect("cwd");
+    let mut runtimes = Vec::new();
+    for name in &names {
+        match Runtime::builtin(name, &root.join(&stock), &root.join(&peers_dir)) {
+            Some(r) => runtimes.push(r),
+            None => {
+                eprintln!(
+                    "unknown runtime {name}; known: {}",
+                    peers::BUILTIN.join(", ")
+                );
+                return false;
+            }
+        }
+    }
+    let services = match services::ensure_services(&ServiceOptions::new(root.clone())).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return false;
+        }
+    };
+    println!(
+        "one function, side by side: {} rounds of {} (order rotating), each start given 1 + {warm} ReserveStock events",
+        rounds,
+        names.join(", ")
+    );
+    let opts = PeersOptions {
+        repo_root: root.clone(),
+        runtimes,
+        rounds,
+        warm,
+        dynamodb_endpoint: services.dynamodb_endpoint(),
+        sqs_endpoint: services.sqs_endpoint(),
+        logs_dir: root.join(logs),
+        command: command_line(),
+        progress: true,
+    };
+    match peers::measure(&opts).await {
+        Ok(run) => {
+            for r in &run.runtimes {
+                let s = report::Summary::of(r);
+                println!(
+                    "  {:<18} init {:>7.1} ms  first {:>6.1} ms  warm p50 {:>6.2} ms  p99 {:>6.2} ms  peak RSS {:>6.1} MiB",
+                    s.name, s.init, s.first, s.warm_p50, s.warm_p99, s.rss_mib
+                );
+            }
+            println!("  ({:.0} s)", run.seconds);
+            write_json(&root.join(json), &run)
+        }
+        Err(e) => {
+            eprintln!("side-by-side run failed: {e}");
+            false
+        }
+    }
+}
+
+fn write_report(dir: &Path, check_budgets: bool) -> bool {
+    let root = std::env::current_dir().expect("cwd");
+    match report::write(dir, &root, check_budgets) {
+        Ok(verdicts) => {
+            println!("report: {}", dir.join("report.md").display());
+            let missed: Vec<_> = verdicts.iter().filter(|v| !v.met).collect();
+            for v in &verdicts {
+                println!(
+                    "  {:<6} {} ({})",
+                    if v.met { "met" } else { "MISSED" },
+                    v.budget,
+                    v.measured
+                );
+            }
+            if !missed.is_empty() {
+                eprintln!(
+                    "budgets missed: {}",
+                    missed
+                        .iter()
+                        .map(|v| v.budget.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
+            missed.is_empty()
+        }
+        Err(e) => {
+            eprintln!("writing the report into {}: {e}", dir.display());
+            false
+        }
+    }
+}
+
+fn cold_start(runs: usize, binaries: &[String], json: Option<&Path>) -> bool {
+    let mut ok = true;
+    let mut run = ColdStartRun {
+        command: command_line(),
+        functions: Vec::new(),
+    };
     println!(
         "cold start: process start -> first GET /2018-06-01/runtime/invocation/next ({runs} runs each; budget {COLD_START_BUDGET_MS} ms)"
     );
@@ -101,7 +379,7 @@ fn cold_start(runs: usize, binaries: &[String]) -> bool {
         "function", "min ms", "median", "p95", "max"
     );
     for binary in binaries {
-        let name = std::path::Path::new(binary)
+        let name = Path::new(binary)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -146,6 +424,13 @@ fn cold_start(runs: usize, binaries: &[String]) -> bool {
             println!("  OVER BUDGET: median {median:.2} ms > {COLD_START_BUDGET_MS} ms");
             ok = false;
         }
+        run.functions.push(FunctionColdStart {
+            name,
+            samples_ms: samples,
+        });
+    }
+    if let Some(path) = json {
+        ok &= write_json(path, &run);
     }
     ok
 }
@@ -169,6 +454,8 @@ const READS: &[&str] = &["GetItem", "Query", "Scan", "BatchGetItem"];
 const SENDS: &[&str] = &["SendMessage", "SendMessageBatch"];
 
 struct Tally {
+    write_units: f64,
+    read_units: f64,
     writes: usize,
     provider_writes: usize,
     batch_reads: usize,
@@ -179,6 +466,8 @@ struct Tally {
 
 fn tally(calls: &[Call], ledger_table: &str) -> Tally {
     let mut t = Tally {
+        write_units: 0.0,
+        read_units: 0.0,
         writes: 0,
         provider_writes: 0,
         batch_reads: 0,
@@ -191,8 +480,19 @@ fn tally(calls: &[Call], ledger_table: &str) -> Tally {
         .filter(|c| !MAPPING_OPS.contains(&c.operation.as_str()))
     {
         let op = c.operation.as_str();
+        let provider = c.tables.iter().any(|t| t == ledger_table);
+        let items = c.items as f64;
+        if !provider {
+            match op {
+                "TransactWriteItems" => t.write_units += 2.0 * items,
+                "TransactGetItems" => t.read_units += 2.0 * items,
+                _ if WRITES.contains(&op) => t.write_units += items,
+                _ if READS.contains(&op) => t.read_units += items,
+                _ => {}
+            }
+        }
         if WRITES.contains(&op) {
-            if c.tables.iter().any(|t| t == ledger_table) {
+            if provider {
                 t.provider_writes += 1;
             } else {
                 t.writes += 1;
@@ -210,7 +510,7 @@ fn tally(calls: &[Call], ledger_table: &str) -> Tally {
     t
 }
 
-async fn calls() -> bool {
+async fn calls(json: Option<&Path>) -> bool {
     let root = std::env::current_dir().expect("cwd");
     let services = match services::ensure_services(&ServiceOptions::new(root.clone())).await {
         Ok(s) => s,
@@ -251,6 +551,10 @@ async fn calls() -> bool {
             .expect("seed");
     }
     let mut ok = true;
+    let mut run = CallsRun {
+        command: command_line(),
+        orders: Vec::new(),
+    };
     println!(
         "\nAWS calls for one confirmed order (two items), by operation; budget: at most 13 calls = 8 DynamoDB writes + 1 batch read + 4 SQS sends, no other read"
     );
@@ -350,6 +654,23 @@ async fn calls() -> bool {
             if with_provider { "within" } else { "over" }
         );
         ok &= within;
+        run.orders.push(OrderCalls {
+            label: label.to_string(),
+            by_operation: function_calls,
+            writes: t.writes,
+            batch_reads: t.batch_reads,
+            other_reads: t.other_reads,
+            sends: t.sends,
+            other: t.other,
+            provider_writes: t.provider_writes,
+            total,
+            write_units: t.write_units,
+            read_units: t.read_units,
+            within_budget: within,
+        });
+    }
+    if let Some(path) = json {
+        ok &= write_json(path, &run);
     }
     stack.stop().await;
     let admin = local_clients(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region).await;
@@ -378,7 +699,7 @@ mod tests {
         let parse = |args: &[&str]| {
             Cli::try_parse_from(std::iter::once("saga-bench").chain(args.iter().copied()))
         };
-        let Cmd::ColdStart { runs, binaries } = parse(&["cold-start", "a", "--runs", "5", "b"])
+        let Cmd::ColdStart { runs, binaries, .. } = parse(&["cold-start", "a", "--runs", "5", "b"])
             .unwrap()
             .command
         else {
@@ -392,7 +713,32 @@ mod tests {
             panic!("not cold-start");
         };
         assert_eq!(runs, 30);
-        assert!(matches!(parse(&["calls"]).unwrap().command, Cmd::Calls));
+        assert!(matches!(
+            parse(&["calls"]).unwrap().command,
+            Cmd::Calls { json: None }
+        ));
+        let Cmd::Peers {
+            runtimes,
+            rounds,
+            warm,
+            ..
+        } = parse(&["peers", "--runtimes", "rust,node"])
+            .unwrap()
+            .command
+        else {
+            panic!("not peers");
+        };
+        assert_eq!(
+            (runtimes, rounds, warm),
+            (vec!["rust".to_string(), "node".to_string()], 10, 25)
+        );
+        assert!(matches!(
+            parse(&["report", "--no-budgets"]).unwrap().command,
+            Cmd::Report {
+                no_budgets: true,
+                ..
+            }
+        ));
         assert!(parse(&[]).is_err());
         assert!(parse(&["cold-start", "--runs", "many", "a"]).is_err());
     }
