@@ -39,7 +39,9 @@ run: setup ## Run the whole saga on 127.0.0.1:3000 (starts or reuses the local s
 # `make token USER_NAME=bob OPERATOR=1`: an access token of a user of the local pool.
 USER_NAME ?= alice
 OPERATOR ?=
-token: setup ## Print an access token of a local user: make token [USER_NAME=bob] [OPERATOR=1]
+# Only the token goes to stdout (export TOKEN=$$(make -s token)); set-up reports go to stderr.
+token: ## Print an access token of a local user: make token [USER_NAME=bob] [OPERATOR=1]
+	@$(SETUP) stack >&2
 	@$(CARGO) run -q -p local-runner --bin saga-local -- token --user $(USER_NAME) $(if $(OPERATOR),--operator)
 
 # The debug build is the one `make test` builds too, so the two share their artifacts.

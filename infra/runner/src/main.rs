@@ -276,7 +276,20 @@ async fn main() -> ExitCode {
         // No command is `run` with its defaults (and the environment).
         Cmd::Run(RunArgs::parse_from(["saga-local run"]))
     });
-    saga_core::telemetry::init();
+    if matches!(command, Cmd::Token(_)) {
+        // The token is the command's output (`export TOKEN=$(make -s token)`): logs go to
+        // stderr, at the same level as everywhere else.
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(saga_core::telemetry::level_from(
+                &saga_core::config::process_env,
+            ))
+            .with_writer(std::io::stderr)
+            .without_time()
+            .try_init();
+    } else {
+        saga_core::telemetry::init();
+    }
     let result = match command {
         Cmd::Run(args) => run(args).await,
         Cmd::Services {
@@ -414,9 +427,6 @@ async fn run(args: RunArgs) -> Result<(), String> {
         opts.sweep_every = Some(Duration::from_secs(secs));
     }
     let stack = Stack::start(opts).await.map_err(|e| e.to_string())?;
-    if !args.no_seed {
-        seed(&stack).await?;
-    }
     let sign_in = stack.sign_in()?;
     let operators = local_runner::cognito::operators_group(&stack.template);
     let customer = sign_in
@@ -427,6 +437,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .sign_in(DEMO_OPERATOR, &[&operators], &[&operators])
         .await
         .map_err(|e| e.to_string())?;
+    if !args.no_seed {
+        seed(&stack, &operator.access_token).await?;
+    }
     print_banner(
         &stack,
         rate,
@@ -489,39 +502,56 @@ async fn token(args: TokenArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Demo products, created only if absent so a restart keeps their stock.
-async fn seed(stack: &Stack) -> Result<(), String> {
+/// Demo products, created through the API as the operator would (`PUT` with the operator's
+/// token), and only where absent (`GET` first), so a restart keeps the stock a previous run
+/// left.
+async fn seed(stack: &Stack, operator_token: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let products = [
         ("p-mug", "Mug", 1250, 10),
         ("p-tee", "T-shirt", 2000, 5),
         ("p-poster", "Poster", 800, 3),
     ];
     for (id, name, price, quantity) in products {
-        let product = saga_core::domain::Product {
-            product_id: id.into(),
-            name: name.into(),
-            price_cents: price,
-            quantity,
-        };
-        let item = saga_core::adapters::dynamo::to_item(&product).map_err(|e| e.to_string())?;
-        // Only where the product is missing: a restart keeps the stock a previous run left.
-        let result = stack
-            .clients
-            .dynamodb
-            .put_item()
-            .table_name(stack.table("ProductsTable"))
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(productId)")
-            .send()
-            .await;
-        if let Err(e) = result {
-            let e = e.into_service_error();
-            if !e.is_conditional_check_failed_exception() {
-                return Err(format!(
-                    "seeding {id}: {}",
-                    aws_sdk_dynamodb::error::DisplayErrorContext(e)
-                ));
+        let uri = format!("http://{}/products/{id}", stack.http_addr);
+        let call = |method: &str, body: Option<serde_json::Value>| {
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(&uri)
+                .header("authorization", format!("Bearer {operator_token}"));
+            if body.is_some() {
+                req = req.header("content-type", "application/json");
             }
+            let body = body.map(|b| b.to_string()).unwrap_or_default();
+            let req = req.body(Full::new(Bytes::from(body))).expect("a request");
+            let client = client.clone();
+            async move {
+                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((
+                    status,
+                    String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                ))
+            }
+        };
+        let (status, body) = call("GET", None).await?;
+        match status {
+            200 => continue,
+            404 => {}
+            _ => return Err(format!("seeding {id}: GET answered {status}: {body}")),
+        }
+        let product = serde_json::json!({"name": name, "priceCents": price, "quantity": quantity});
+        let (status, body) = call("PUT", Some(product)).await?;
+        if status != 200 {
+            return Err(format!("seeding {id}: PUT answered {status}: {body}"));
         }
     }
     Ok(())
