@@ -1110,13 +1110,14 @@ mod tests {
         let dir = pid_dir(tmp.path());
         fs::create_dir_all(&dir).unwrap();
         // A stand-in whose command line names sam-relay (bash's $0), in a session of its own
-        // as infra/scripts/sam-local.sh starts it (setsid).
+        // as infra/scripts/sam-local.sh starts it (setsid). A loop, not one command: bash
+        // would exec a lone `sleep` in its own place, and the command line with it.
         let mut child = std::process::Command::new("setsid")
-            .args(["bash", "-c", "sleep 60", "sam-relay"])
+            .args(["bash", "-c", "while :; do sleep 1; done", "sam-relay"])
             .spawn()
             .unwrap();
         fs::write(dir.join("sam-relay.pid"), format!("{}\n", child.id())).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !is_live_service(child.id(), Kind::SamRelay) {
             assert!(Instant::now() < deadline, "the stand-in did not start");
             std::thread::sleep(Duration::from_millis(20));
