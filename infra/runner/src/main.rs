@@ -468,7 +468,10 @@ const DEMO_OPERATOR: &str = "ops";
 
 async fn token(args: TokenArgs) -> Result<(), String> {
     let root = repo_root();
-    let service_opts = ServiceOptions::new(root.clone());
+    // The services as `run` starts them (DynamoDB Local keeping its data in .local/dynamodb),
+    // so that a `run` after this reuses them as it would its own.
+    let mut service_opts = ServiceOptions::new(root.clone());
+    service_opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
     let services = services::ensure_services(&service_opts)
         .await
         .map_err(|e| e.to_string())?;
