@@ -345,11 +345,7 @@ async fn sam_env(args: SamEnvArgs) -> Result<(), String> {
     // The built template first: without it there is nothing to run.
     let local_template = local_runner::sam::local_template(&build_dir)?;
 
-    let mut service_opts = ServiceOptions::new(root.clone());
-    service_opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
-    let services = services::ensure_services(&service_opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    let services = run_services(&root).await?;
     let host = local_runner::sam::Endpoints {
         dynamodb: services.dynamodb_endpoint(),
         sqs: services.sqs_endpoint(),
@@ -390,13 +386,19 @@ async fn sam_relay(listen: SocketAddr, to: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// DynamoDB Local (its data kept in .local/dynamodb) and moto, started or reused: what `run`,
+/// `token` and `sam-env` work against.
+async fn run_services(root: &std::path::Path) -> Result<services::LocalServices, String> {
+    let mut opts = ServiceOptions::new(root.to_path_buf());
+    opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
+    services::ensure_services(&opts)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn run(args: RunArgs) -> Result<(), String> {
     let root = repo_root();
-    let mut service_opts = ServiceOptions::new(root.clone());
-    service_opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
-    let services = services::ensure_services(&service_opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    let services = run_services(&root).await?;
 
     let mut opts = StackOptions::new(&root);
     opts.dynamodb_endpoint = services.dynamodb_endpoint();
@@ -468,13 +470,8 @@ const DEMO_OPERATOR: &str = "ops";
 
 async fn token(args: TokenArgs) -> Result<(), String> {
     let root = repo_root();
-    // The services as `run` starts them (DynamoDB Local keeping its data in .local/dynamodb),
-    // so that a `run` after this reuses them as it would its own.
-    let mut service_opts = ServiceOptions::new(root.clone());
-    service_opts.dynamodb_data_dir = Some(root.join(".local/dynamodb"));
-    let services = services::ensure_services(&service_opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    // The services as `run` starts them, so that a `run` after this reuses them.
+    let services = run_services(&root).await?;
     let template = Template::from_file(root.join("template.yaml")).map_err(|e| e.to_string())?;
     let cognito = local_runner::stack::local_cognito(&services.sqs_endpoint(), "us-east-1");
     let mut names = local_runner::template::LocalNames {
