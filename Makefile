@@ -17,7 +17,7 @@ ARGS ?=
 # `make test KEEP_SERVICES=1` leaves DynamoDB Local and moto running afterwards.
 KEEP_SERVICES ?=
 
-.PHONY: help setup setup-tools build run token test lint fmt stop clean redrive bench sam-invoke
+.PHONY: help setup setup-tools build run token test lint fmt stop clean redrive audit bench sam-invoke
 
 help: ## List the targets
 	@echo "usage: make TARGET"
@@ -50,13 +50,16 @@ redrive: ## Move messages from a DLQ back to its queue: make redrive QUEUE=Stock
 	@if [ -z "$(QUEUE)" ]; then echo "usage: make redrive QUEUE=StockDeadLetterQueue (or PaymentDeadLetterQueue, CoordinatorDeadLetterQueue)"; exit 2; fi
 	$(CARGO) run -q -p local-runner --bin saga-local -- redrive --queue $(QUEUE) $(ARGS)
 
+audit: ## Check the stores' invariants (the local stack of make run; ARGS='--help' for a deployed one)
+	$(CARGO) run -q -p local-runner --bin saga-local -- audit $(ARGS)
+
 FN ?=
 EVENT ?=
 sam-invoke: setup-tools ## One function on one event with sam local invoke: make sam-invoke FN=StockFunction EVENT=events/sqs-stock-reserve.json
 	@if [ -z "$(FN)" ] || [ -z "$(EVENT)" ]; then echo "usage: make sam-invoke FN=StockFunction EVENT=events/sqs-stock-reserve.json (FN: a function of template.yaml; EVENT: a file of events/)"; exit 2; fi
 	infra/scripts/sam-local.sh invoke $(FN) $(EVENT)
 
-bench: setup-tools ## Benchmark report (target/bench/report.md): the stock function beside Node.js and Python peers, cold starts, sizes, calls, AWS projection; fails on a missed budget
+bench: setup-tools ## Benchmark report (target/bench/report.md): the stock function beside Node.js and Python peers, cold starts, sizes, calls, the whole saga under open-loop load, AWS projection; fails on a missed budget
 	infra/scripts/bench.sh
 
 fmt: ## Format the Rust code
@@ -71,7 +74,7 @@ lint: setup-tools ## rustfmt check, clippy -D warnings, cfn-lint and sam validat
 	fi
 
 test: setup-tools lint ## Lint, then the whole test suite; stops the services afterwards
-	status=0; $(CARGO) test --workspace || status=$$?; \
+	status=0; $(CARGO) test --workspace --no-fail-fast || status=$$?; \
 	if [ -z "$(KEEP_SERVICES)" ]; then $(MAKE) --no-print-directory stop || true; fi; \
 	exit $$status
 

@@ -4,10 +4,18 @@
 #      Powertools), interleaved on one fake Runtime API: init, first event, warm p50/p99, peak RSS;
 #   2. every function's cold start (process start -> first /next; budget 10 ms);
 #   3. the arm64 artifacts' sizes (budget 5 MB);
-#   4. AWS calls per confirmed order (budget 13), and from them the AWS projection.
+#   4. AWS calls per confirmed order (budget 13);
+#   5. the whole saga under open-loop load on the stack of `make run` (saga-bench load): the
+#      emulators' ceiling (DynamoDB Local TransactWriteItems of the stock function's shape, moto
+#      send/receive/delete, from client loops alone), then offered rates stepped up (BENCH_RATES,
+#      BENCH_STEP_SECONDS each) until one saturates, with latency p50/p95/p99 and where the time
+#      goes per hop, then batching window 0 against the template's (BENCH_WINDOW_RATES);
+# and from 4 and 5 the AWS projection (each function's invocations and duration under load).
 # Then `saga-bench report` checks every budget (also: init >= 20x faster than the Node peer, peak
-# RSS <= 1/4 of the Node peer's) and exits non-zero naming any missed one.
-# BENCH_ROUNDS / BENCH_WARM / BENCH_RUNS shorten or lengthen the runs.
+# RSS <= 1/4 of the Node peer's, saga throughput >= 1/2 of the emulators' ceiling) and exits
+# non-zero naming any missed one.
+# BENCH_ROUNDS / BENCH_WARM / BENCH_RUNS / BENCH_RATES / BENCH_STEP_SECONDS /
+# BENCH_WINDOW_RATES shorten or lengthen the runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 FUNCTIONS=(order-api stock payment coordinator sweeper)
@@ -38,6 +46,11 @@ target/debug/saga-bench cold-start --runs "${BENCH_RUNS:-30}" --json "$OUT/cold-
 
 phase "AWS calls per confirmed order"
 RUST_LOG=error target/debug/saga-bench calls --json "$OUT/calls.json" || true
+
+phase "the whole saga under open-loop load (rates ${BENCH_RATES:-5,10,25,50,100,200,400}/s, ${BENCH_STEP_SECONDS:-20} s each, until one saturates)"
+RUST_LOG=error target/debug/saga-bench load --rates "${BENCH_RATES:-5,10,25,50,100,200,400}" \
+  --seconds "${BENCH_STEP_SECONDS:-20}" --window-rates "${BENCH_WINDOW_RATES:-5,10}" \
+  --json "$OUT/load.json" || status=1
 
 phase "report and budgets"
 target/debug/saga-bench report --dir "$OUT" || status=1

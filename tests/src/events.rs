@@ -38,16 +38,30 @@ pub const EVENTS: &[(&str, &str)] = &[
     ("api-get-order-not-found.json", "OrderApiFunction"),
     ("api-get-order-other-customer.json", "OrderApiFunction"),
     ("api-list-orders.json", "OrderApiFunction"),
+    ("api-cancel-order-other-customer.json", "OrderApiFunction"),
+    ("api-cancel-order.json", "OrderApiFunction"),
     ("api-place-order-no-authorizer.json", "OrderApiFunction"),
+    ("api-adjust-stock.json", "OrderApiFunction"),
+    ("api-adjust-stock-below-zero.json", "OrderApiFunction"),
+    ("api-put-product-change.json", "OrderApiFunction"),
+    ("api-put-product-if-match-stale.json", "OrderApiFunction"),
+    (
+        "api-put-product-quantity-on-existing.json",
+        "OrderApiFunction",
+    ),
     ("sqs-stock-reserve.json", "StockFunction"),
     ("sqs-stock-reserve-duplicate.json", "StockFunction"),
     ("sqs-stock-reserve-rejected.json", "StockFunction"),
     ("sqs-stock-release.json", "StockFunction"),
+    ("sqs-stock-release-fence.json", "StockFunction"),
+    ("sqs-stock-reserve-after-fence.json", "StockFunction"),
     ("sqs-stock-batch-with-malformed.json", "StockFunction"),
     ("sqs-payment-charge.json", "PaymentFunction"),
     ("sqs-payment-charge-duplicate.json", "PaymentFunction"),
     ("sqs-payment-charge-declined.json", "PaymentFunction"),
     ("sqs-payment-refund.json", "PaymentFunction"),
+    ("sqs-payment-refund-unseen.json", "PaymentFunction"),
+    ("sqs-payment-charge-after-fence.json", "PaymentFunction"),
     ("sqs-payment-batch-with-malformed.json", "PaymentFunction"),
     ("sqs-coordinator-stock-reserved.json", "CoordinatorFunction"),
     (
@@ -61,6 +75,10 @@ pub const EVENTS: &[(&str, &str)] = &[
         "CoordinatorFunction",
     ),
     (
+        "sqs-coordinator-order-cancelled.json",
+        "CoordinatorFunction",
+    ),
+    (
         "sqs-coordinator-batch-with-malformed.json",
         "CoordinatorFunction",
     ),
@@ -70,6 +88,9 @@ pub const EVENTS: &[(&str, &str)] = &[
 /// The customer (the token's `sub`) of the API events signed in as alice, and of the orders
 /// the events read.
 pub const ALICE: &str = "7d8ca528-4931-4254-9273-ea5ee853f271";
+
+/// The operator (the token's `sub`) of the API events signed in as ops.
+pub const OPS: &str = "0c1f3b8e-52a1-4d7a-9f7e-3b1a2c4d5e6f";
 
 /// `SentTimestamp` of the events' messages, and the `cutoffMs` of the OrderTimedOut event.
 pub const EVENT_TIME_MS: i64 = 1_767_225_600_000;
@@ -262,15 +283,18 @@ pub async fn run_scenario<I: Invoke>(function: &str, t: &TestStack, invoke: I) -
     f.inner
 }
 
-/// The order API: products put and read, orders placed (with and without an Idempotency-Key)
-/// and read, every refused request refused with its code; each accepted order started its saga
-/// once and the refused ones sent nothing.
+/// The order API: products created and read, orders placed (with and without an
+/// Idempotency-Key) and read, stock adjusted (a key replayed), a price changed under If-Match,
+/// every refused request refused with its code; each accepted order started its saga once and
+/// the refused ones sent nothing.
 pub async fn order_api<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
-    let (status, _, body) = f.http("api-put-product.json").await;
-    let product = json!({"productId": "p-event-1", "name": "Event widget", "priceCents": 1250, "quantity": 100});
+    let (status, headers, body) = f.http("api-put-product.json").await;
+    let product = json!({"productId": "p-event-1", "name": "Event widget", "priceCents": 1250, "quantity": 100, "reserved": 0, "version": 1});
+    assert_eq!((status, &body), (201, &product));
+    assert_eq!(headers["etag"], "\"v1\"");
+    let (status, headers, body) = f.http("api-get-product.json").await;
     assert_eq!((status, &body), (200, &product));
-    let (status, _, body) = f.http("api-get-product.json").await;
-    assert_eq!((status, &body), (200, &product));
+    assert_eq!(headers["etag"], "\"v1\"");
     let (status, _, body) = f.http("api-get-product-not-found.json").await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -361,6 +385,88 @@ pub async fn order_api<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
     );
     let (_, _, after) = f.http("api-get-product.json").await;
     assert_eq!(after, product);
+    // Bob cancelling Alice's order: the 404 of a missing order, and the order untouched.
+    let (status, _, body) = f.http("api-cancel-order-other-customer.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{body}"
+    );
+    // Alice cancels it (twice: the second answers the same final order).
+    for _ in 0..2 {
+        let (status, _, body) = f.http("api-cancel-order.json").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "CANCELLED");
+        assert_eq!(body["cancelReason"], "CUSTOMER_CANCELLED");
+    }
+
+    // Stock changes through an adjustment, recorded as a movement; the same key again replays
+    // the same movement and adjusts once.
+    let (status, _, movement) = f.http("api-adjust-stock.json").await;
+    assert_eq!(status, 201, "{movement}");
+    assert_eq!(
+        (
+            &movement["productId"],
+            &movement["delta"],
+            &movement["quantityAfter"],
+            &movement["actor"],
+            &movement["reason"]
+        ),
+        (
+            &json!("p-event-1"),
+            &json!(5),
+            &json!(105),
+            &json!(OPS),
+            &json!("restock: delivery 2026-001")
+        ),
+        "{movement}"
+    );
+    let (status, headers, again) = f.http("api-adjust-stock.json").await;
+    assert_eq!((status, &again), (201, &movement));
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let (status, _, body) = f.http("api-adjust-stock-below-zero.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("INSUFFICIENT_STOCK")),
+        "{body}"
+    );
+    assert_eq!(t.product_quantity("p-event-1").await, 105);
+    let movements = t.movements("p-event-1").await;
+    assert_eq!(
+        movements.iter().map(|m| m.delta).collect::<Vec<_>>(),
+        [100, 5],
+        "the initial stock, then the adjustment: {movements:?}"
+    );
+    assert_eq!(json!(movements[1]), movement);
+
+    // Name and price change under If-Match, stock untouched; a stale ETag and a quantity for
+    // an existing product are refused and change nothing.
+    let (status, headers, changed) = f.http("api-put-product-change.json").await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(
+        (
+            &changed["priceCents"],
+            &changed["quantity"],
+            &changed["version"]
+        ),
+        (&json!(990), &json!(105), &json!(2))
+    );
+    assert_eq!(headers["etag"], "\"v2\"");
+    let (status, _, body) = f.http("api-put-product-if-match-stale.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (412, Some("PRECONDITION_FAILED")),
+        "{body}"
+    );
+    let (status, _, body) = f.http("api-put-product-quantity-on-existing.json").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("QUANTITY_NOT_WRITABLE")),
+        "{body}"
+    );
+    let (_, _, after) = f.http("api-get-product.json").await;
+    assert_eq!(after, changed);
+    assert_eq!(t.movements("p-event-1").await.len(), 2);
     // Reached without the authorizer (a route deployed without it): 401, nothing written.
     let (status, headers, body) = f.http("api-place-order-no-authorizer.json").await;
     assert_eq!(
@@ -373,9 +479,12 @@ pub async fn order_api<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
     // requests sent nothing.
     let reserve = |id: &str| json!({"type": "ReserveStock", "orderId": id, "items": [{"productId": "p-event-1", "quantity": 2}]});
     let charge = |id: &str| json!({"type": "ChargePayment", "orderId": id, "customerId": ALICE, "amountCents": 2500, "paymentMethod": "tok_visa"});
-    let mut expected_stock = vec![reserve(&order_id), reserve(&keyed_id)];
+    // The cancelled order's results were never seen: its steps are released or fenced off.
+    let release = json!({"type": "ReleaseStock", "orderId": "o-event-api", "items": [{"productId": "p-event-1", "quantity": 2}], "fence": true});
+    let refund = json!({"type": "RefundPayment", "orderId": "o-event-api", "amountCents": 2500});
+    let mut expected_stock = vec![reserve(&order_id), reserve(&keyed_id), release];
     expected_stock.sort_by_key(|m| m.to_string());
-    let mut expected_payment = vec![charge(&order_id), charge(&keyed_id)];
+    let mut expected_payment = vec![charge(&order_id), charge(&keyed_id), refund];
     expected_payment.sort_by_key(|m| m.to_string());
     assert_eq!(messages(t, "StockQueue").await, expected_stock);
     assert_eq!(messages(t, "PaymentQueue").await, expected_payment);
@@ -431,6 +540,22 @@ pub async fn stock<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
         messages(t, "CoordinatorQueue").await,
         [json!({"type": "StockReleased", "orderId": "o-event-stock-1"})]
     );
+
+    // An order cancelled before its reservation was seen, and never reserved: the release
+    // fences the reservation off, and the ReserveStock that arrives after it holds nothing.
+    let voided = json!({"type": "StockVoided", "orderId": "o-event-stock-9"});
+    for file in [
+        "sqs-stock-release-fence.json",
+        "sqs-stock-reserve-after-fence.json",
+    ] {
+        assert_eq!(f.batch(file).await, Vec::<String>::new(), "{file}");
+        assert_eq!(t.product_quantity("p-event-1").await, 100, "{file}");
+        assert_eq!(
+            messages(t, "CoordinatorQueue").await,
+            std::slice::from_ref(&voided),
+            "{file}"
+        );
+    }
 
     let file = "sqs-stock-batch-with-malformed.json";
     assert_eq!(f.batch(file).await, [malformed_record_id(file)]);
@@ -488,6 +613,27 @@ pub async fn payment<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
         [
             json!({"type": "PaymentRefunded", "orderId": "o-event-pay-1", "paymentId": "ch_event0001"})
         ]
+    );
+
+    // An order cancelled before its charge was seen, and never charged: the refund fences the
+    // charge off, and the ChargePayment that arrives after it charges nothing.
+    let ledger_before = t.ledger().await.len();
+    let voided = json!({"type": "PaymentVoided", "orderId": "o-event-pay-9"});
+    for file in [
+        "sqs-payment-refund-unseen.json",
+        "sqs-payment-charge-after-fence.json",
+    ] {
+        assert_eq!(f.batch(file).await, Vec::<String>::new(), "{file}");
+        assert_eq!(
+            messages(t, "CoordinatorQueue").await,
+            std::slice::from_ref(&voided),
+            "{file}"
+        );
+    }
+    assert_eq!(
+        t.ledger().await.len(),
+        ledger_before,
+        "no charge, no refund"
     );
     assert!(
         t.ledger()
@@ -606,6 +752,58 @@ pub async fn coordinator<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
         (Some("CANCELLED"), Some("TIMEOUT")),
         "{o}"
     );
+    // Cancelled before either result was seen: both steps are undone if they ran, fenced off
+    // if not.
+    let fence = |id: &str| json!({"type": "ReleaseStock", "orderId": id, "items": [{"productId": "p-event-1", "quantity": 2}], "fence": true});
+    assert_eq!(messages(t, "StockQueue").await, [fence("o-event-coord-5")]);
+    assert_eq!(
+        messages(t, "PaymentQueue").await,
+        [json!({"type": "RefundPayment", "orderId": "o-event-coord-5", "amountCents": 2500})]
+    );
+
+    // A customer's cancellation handed over again by the sweeper (the API died before sending
+    // the compensations): both steps were seen, so both are undone, and the mark is cleared.
+    let mut cancelled = order(
+        "o-event-coord-6",
+        "RESERVED",
+        "CHARGED",
+        Some("ch_event0006"),
+        created,
+    );
+    cancelled["status"] = json!("CANCELLED");
+    cancelled["cancelReason"] = json!("CUSTOMER_CANCELLED");
+    cancelled["pendingSweep"] = json!("CANCELLING");
+    seed_order(t, cancelled).await;
+    assert_eq!(
+        f.batch("sqs-coordinator-order-cancelled.json").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        messages(t, "StockQueue").await,
+        [
+            json!({"type": "ReleaseStock", "orderId": "o-event-coord-6", "items": [{"productId": "p-event-1", "quantity": 2}]})
+        ]
+    );
+    assert_eq!(
+        messages(t, "PaymentQueue").await,
+        [
+            json!({"type": "RefundPayment", "orderId": "o-event-coord-6", "paymentId": "ch_event0006", "amountCents": 2500})
+        ]
+    );
+    let o = t.order("o-event-coord-6").await;
+    assert_eq!(o["status"], "CANCELLED");
+    let item = t
+        .scan("OrdersTable")
+        .await
+        .into_iter()
+        .find(|i| {
+            i.get("orderId")
+                .and_then(|v| v.as_s().ok())
+                .map(String::as_str)
+                == Some("o-event-coord-6")
+        })
+        .expect("the order");
+    assert!(!item.contains_key("pendingSweep"), "the mark is cleared");
 
     let file = "sqs-coordinator-batch-with-malformed.json";
     assert_eq!(f.batch(file).await, [malformed_record_id(file)]);
@@ -617,8 +815,9 @@ pub async fn coordinator<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
         "{o}"
     );
 
-    // Nothing was reserved for the cancelled orders, so there is nothing to release.
-    assert_eq!(messages(t, "StockQueue").await, Vec::<Value>::new());
+    // The declined order was cancelled before its reservation was seen: released if it ran,
+    // fenced off if not. Its payment was declined: nothing to refund.
+    assert_eq!(messages(t, "StockQueue").await, [fence("o-event-coord-4")]);
     assert_eq!(messages(t, "PaymentQueue").await, Vec::<Value>::new());
 }
 
@@ -649,9 +848,17 @@ pub async fn sweeper<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
     confirmed["status"] = json!("CONFIRMED");
     confirmed.as_object_mut().unwrap().remove("pendingSweep");
     seed_order(t, confirmed).await;
+    // Cancelled by its customer, whose API call died before sending the compensations: still
+    // marked as cancelling, so the coordinator gets it again.
+    let mut cancelling = order("o-event-sweep-5", "RESERVED", "PENDING", None, now);
+    cancelling["status"] = json!("CANCELLED");
+    cancelling["cancelReason"] = json!("CUSTOMER_CANCELLED");
+    cancelling["pendingSweep"] = json!("CANCELLING");
+    seed_order(t, cancelling).await;
 
     let summary = f.invoke("scheduled-sweep.json").await;
     assert_eq!(summary["timedOut"], 2, "{summary}");
+    assert_eq!(summary["cancelling"], 1, "{summary}");
     let cutoff = summary["cutoffMs"].as_i64().expect("cutoffMs");
     let timeout_ms = 1000
         * t.stack.environments["SweeperFunction"]["ORDER_TIMEOUT_SECONDS"]
@@ -666,6 +873,7 @@ pub async fn sweeper<I: Invoke>(t: &TestStack, f: &mut Calls<I>) {
         [
             json!({"type": "OrderTimedOut", "orderId": "o-event-sweep-1", "cutoffMs": cutoff}),
             json!({"type": "OrderTimedOut", "orderId": "o-event-sweep-2", "cutoffMs": cutoff}),
+            json!({"type": "OrderCancelled", "orderId": "o-event-sweep-5"}),
         ]
     );
 }

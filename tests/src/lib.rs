@@ -304,18 +304,66 @@ impl TestStack {
         products.iter().cloned().collect()
     }
 
-    /// Puts a product as operator [`OPERATOR`].
+    /// Creates a product with its initial stock, as operator [`OPERATOR`] (once: stock then
+    /// changes only through [`TestStack::adjust_stock`] and the saga).
     pub async fn put_product(&self, id: &str, price_cents: u64, quantity: u64) {
-        let auth = format!("Bearer {}", self.token(OPERATOR, true).await);
         let r = self
-            .request(
+            .as_operator(
                 "PUT",
                 &format!("/products/{id}"),
-                Some(&json!({"name": id, "priceCents": price_cents, "quantity": quantity})),
-                &[("authorization", &auth)],
+                &json!({"name": id, "priceCents": price_cents, "quantity": quantity}),
+                &[],
             )
             .await;
-        assert_eq!(r.status, 200, "{}", r.raw);
+        assert_eq!(r.status, 201, "{}", r.raw);
+    }
+
+    /// A request with a JSON body as operator [`OPERATOR`].
+    pub async fn as_operator(
+        &self,
+        method: &str,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let auth = format!("Bearer {}", self.token(OPERATOR, true).await);
+        let mut h = vec![("authorization", auth.as_str())];
+        h.extend_from_slice(headers);
+        self.request(method, path, Some(body), &h).await
+    }
+
+    /// `POST /products/{id}/stock-adjustments` as operator [`OPERATOR`]; the reply (201 with
+    /// the movement, or an error).
+    pub async fn adjust_stock(
+        &self,
+        id: &str,
+        delta: i64,
+        reason: &str,
+        idempotency_key: Option<&str>,
+    ) -> Reply {
+        let headers: Vec<(&str, &str)> = idempotency_key
+            .map(|k| vec![("idempotency-key", k)])
+            .unwrap_or_default();
+        self.as_operator(
+            "POST",
+            &format!("/products/{id}/stock-adjustments"),
+            &json!({"delta": delta, "reason": reason}),
+            &headers,
+        )
+        .await
+    }
+
+    /// Every stock movement of a product, oldest first (by movement id).
+    pub async fn movements(&self, product_id: &str) -> Vec<saga_core::domain::StockMovement> {
+        let mut movements: Vec<saga_core::domain::StockMovement> = self
+            .scan("StockMovementsTable")
+            .await
+            .into_iter()
+            .map(|item| saga_core::adapters::dynamo::from_item(item).expect("a movement"))
+            .filter(|m: &saga_core::domain::StockMovement| m.product_id == product_id)
+            .collect();
+        movements.sort_by(|a, b| a.movement_id.cmp(&b.movement_id));
+        movements
     }
 
     /// Places an order; returns the reply (202 with the order, or an error).
@@ -475,8 +523,44 @@ impl TestStack {
             .expect("send");
     }
 
+    /// `saga-local audit` on this stack's tables (the library call the command makes): strongly
+    /// consistent reads, the template's order timeout plus the command's default grace.
+    pub async fn audit(&self) -> local_runner::audit::Report {
+        use local_runner::audit::{self, Rules, ScanOptions, TableNames};
+        let tables = TableNames::of(&self.stack.names.tables).expect("the five tables");
+        let timeout = audit::template_order_timeout(&self.stack.template).expect("a timeout");
+        let rules = Rules {
+            now_ms: saga_core::time::now_ms(),
+            pending_limit: Duration::from_secs(timeout + 120),
+        };
+        let opts = ScanOptions {
+            consistent: true,
+            ..ScanOptions::default()
+        };
+        audit::audit(&self.stack.clients.dynamodb, &tables, &opts, &rules)
+            .await
+            .unwrap_or_else(|e| panic!("the audit could not run: {e}"))
+    }
+
+    /// The findings of [`TestStack::audit`].
+    pub async fn audit_findings(&self) -> Vec<local_runner::audit::Finding> {
+        self.audit().await.findings
+    }
+
+    /// Fails with the audit's report unless it finds nothing.
+    pub async fn assert_audit_clean(&self) {
+        let report = self.audit().await;
+        assert!(report.clean(), "the audit found:\n{}", report.text());
+    }
+
     /// Approximate number of messages (visible + in flight) in a queue.
     pub async fn queue_depth(&self, queue_logical_id: &str) -> i64 {
+        let (visible, in_flight) = self.queue_counts(queue_logical_id).await;
+        visible + in_flight
+    }
+
+    /// Approximate numbers of messages visible and in flight in a queue.
+    pub async fn queue_counts(&self, queue_logical_id: &str) -> (i64, i64) {
         use aws_sdk_sqs::types::QueueAttributeName as A;
         let out = self
             .stack
@@ -490,18 +574,16 @@ impl TestStack {
             .await
             .expect("attributes");
         let attrs = out.attributes.unwrap_or_default();
-        [
-            A::ApproximateNumberOfMessages,
-            A::ApproximateNumberOfMessagesNotVisible,
-        ]
-        .iter()
-        .map(|a| {
+        let count = |a: A| {
             attrs
-                .get(a)
+                .get(&a)
                 .and_then(|v| v.parse::<i64>().ok())
                 .unwrap_or(0)
-        })
-        .sum()
+        };
+        (
+            count(A::ApproximateNumberOfMessages),
+            count(A::ApproximateNumberOfMessagesNotVisible),
+        )
     }
 
     /// Receives (and deletes) every message now in a queue; returns the bodies.
@@ -891,40 +973,47 @@ pub(crate) fn newest(dir: &Path) -> SystemTime {
     latest
 }
 
-/// `target/debug/saga-local`, built first if it is missing or older than its sources.
+/// `target/debug/saga-local`, the local runner's binary (see [`workspace_binary`]).
 pub fn saga_local_binary() -> PathBuf {
-    let root = repo_root();
-    let bin = root.join("target/debug/saga-local");
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let sources = ["infra/runner/src", "functions/core/src"]
-        .iter()
-        .map(|d| newest(&root.join(d)))
-        .chain(
-            [
-                root.join("Cargo.lock"),
-                root.join("infra/runner/Cargo.toml"),
-            ]
-            .iter()
-            .filter_map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()),
-        )
-        .max()
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    if built.is_none_or(|b| b < sources) {
+    workspace_binary("saga-local")
+}
+
+/// One binary of the workspace's debug build: a function (`stock`, `order-api`, ...) or the
+/// runner's `saga-local` / `saga-bench`. The first call in a test process runs `cargo build
+/// --workspace --bins --tests`, the packages and features `cargo test --workspace` builds, so it reuses
+/// that build and only compiles and links the binaries' own crates: seconds, where the release
+/// build (LTO, one codegen unit) takes minutes. Cargo's own freshness check makes later calls
+/// in other test processes no-ops. The feature unification with the tests compiles the core's
+/// fault points in, but a Lambda binary's `main` gives its handler `Faults::none()`, so none
+/// can fire. What deploys, the arm64 release build of `sam build`, runs in
+/// tests/tests/sam_local.rs.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "local-runner", "--bin", "saga-local"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build");
-        // A binary that is merely older than the sources still runs; a missing one does not.
-        assert!(
-            status.success() || built.is_some(),
-            "cargo build -p local-runner --bin saga-local failed"
-        );
-        if !status.success() {
-            eprintln!("warning: rebuilding saga-local failed; using the existing (older) binary");
+        let out = Command::new(cargo)
+            // `--tests` too: it brings in the dev-dependencies, so features resolve exactly as
+            // for `cargo test --workspace` and nothing but the binaries is compiled (without
+            // it, ring, rustls and everything built on them are compiled a second time).
+            .args(["build", "--workspace", "--bins", "--tests"])
+            .current_dir(repo_root())
+            .output()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo build --workspace --bins --tests failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
-    }
+        // This test binary is <target>/debug/deps/<name>: the build above wrote to
+        // <target>/debug, whatever CARGO_TARGET_DIR says.
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        exe.parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .ok_or_else(|| format!("{} is not under a target dir", exe.display()))
+    });
+    let bin = dir.as_ref().unwrap_or_else(|e| panic!("{e}")).join(name);
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
 }

@@ -2,6 +2,7 @@
 //! time-outs and back-offs, for the test's report.
 
 use std::fmt::Debug;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -90,16 +91,53 @@ impl<S: tracing::Subscriber> Layer<S> for CountingLayer {
     }
 }
 
-/// Installs the test binary's only subscriber, which counts what the stack logs (nothing is
-/// printed). Call once per test binary.
+/// Installs the test binary's only subscriber, which counts what the stack logs and writes it
+/// (INFO and up) to `target/test-logs/<test binary>.log`, so that a failure can point at what
+/// the handlers and the event source mappings said. Call once per test binary.
 pub fn count_logs() -> Arc<LogCounts> {
     let counts = Arc::new(LogCounts::default());
-    let filter = tracing_subscriber::filter::Targets::new()
-        .with_target("saga_core", tracing::Level::INFO)
-        .with_target("local_runner", tracing::Level::INFO);
+    let filter = || {
+        tracing_subscriber::filter::Targets::new()
+            .with_target("saga_core", tracing::Level::INFO)
+            .with_target("local_runner", tracing::Level::INFO)
+    };
+    let path = log_path();
+    std::fs::create_dir_all(path.parent().expect("a directory")).expect("create target/test-logs");
+    let file =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
     tracing_subscriber::registry()
-        .with(CountingLayer(counts.clone()).with_filter(filter))
+        .with(CountingLayer(counts.clone()).with_filter(filter()))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .with_filter(filter()),
+        )
         .try_init()
         .expect("this test binary installs the only subscriber");
     counts
+}
+
+/// Where [`count_logs`] writes: `target/test-logs/<test binary's name>.log` (the binary is
+/// `<target>/debug/deps/<name>-<hash>`).
+pub fn log_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let name = exe
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.rsplit_once('-').map(|(name, _)| name.to_string()))
+        .unwrap_or_else(|| "test".into());
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .expect("<target>/debug/deps");
+    target.join("test-logs").join(format!("{name}.log"))
+}
+
+/// The last `lines` lines [`count_logs`] wrote.
+pub fn log_tail(lines: usize) -> String {
+    let text = std::fs::read_to_string(log_path()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }

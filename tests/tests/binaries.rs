@@ -1,21 +1,20 @@
-//! The Lambda binaries themselves, built in release mode, fed every file under `events/`
-//! through the Lambda Runtime API, against the local stack (DynamoDB Local and moto).
+//! The Lambda binaries themselves fed every file under `events/` through the Lambda Runtime
+//! API, against the local stack (DynamoDB Local and moto).
 //!
 //! For each function: `cargo lambda watch --only-lambda-apis` serves the Runtime API on a free
-//! port of 127.0.0.1; the release binary (`target/release/<name>`, what
-//! `cargo build --release -p order-api -p stock -p payment -p coordinator -p sweeper` builds)
-//! runs against it with exactly the environment the template gives the function (resolved to
-//! this test's tables and queues) plus what Lambda itself sets; `cargo lambda invoke
-//! --data-file events/<file>.json` sends each event and the test asserts the response: status
-//! and body for the API, the exact `batchItemFailures` for the queue consumers (the malformed
-//! record's id and no other), the sweeper's summary, and what each invocation left in the
-//! tables and queues.
+//! port of 127.0.0.1; the function's binary runs against it with exactly the environment the
+//! template gives the function (resolved to this test's tables and queues) plus what Lambda
+//! itself sets; `cargo lambda invoke --data-file events/<file>.json` sends each event and the
+//! test asserts the response: status and body for the API, the exact `batchItemFailures` for
+//! the queue consumers (the malformed record's id and no other), the sweeper's summary, and
+//! what each invocation left in the tables and queues.
 //!
-//! The binaries are run directly, rather than through `cargo lambda watch`'s own `cargo run`,
-//! so that what is tested is the build that ships: `cargo run --bin X` at the workspace root
-//! would unify features with the test crates and compile the fault-injection points in.
-//! The test builds them once (a no-op when `make build` already did); the local stack's own
-//! consumers are paused so that nothing but the binary handles the events.
+//! The binaries are the workspace's debug build (`saga_tests::workspace_binary`: seconds on
+//! top of the test build, where a host release build with LTO took five minutes of every
+//! `make test`). The artifacts that deploy, `sam build`'s arm64 release `bootstrap`s, go
+//! through these same scenarios in sam_local.rs. The binaries are run directly rather than
+//! through `cargo lambda watch`'s own `cargo run`, and the local stack's own consumers are
+//! paused, so that nothing but the binary handles the events.
 //!
 //! What each event must do is not written here: the scenarios live in tests/src/events.rs,
 //! shared with tests/tests/sam_local.rs, which runs the same events through SAM's local invoke
@@ -29,7 +28,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use saga_tests::TestStack;
@@ -37,50 +35,12 @@ use saga_tests::events::{self, EVENTS, Invoke, event_path, read_event};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-/// The Lambda binaries, as `cargo build --release -p ...` names them.
-const BINARIES: &[&str] = &["order-api", "stock", "payment", "coordinator", "sweeper"];
 fn repo() -> PathBuf {
     saga_tests::repo_root()
 }
 
 fn venv_bin() -> PathBuf {
     repo().join(".venv/bin")
-}
-
-/// Where `cargo build` puts the release binaries: `CARGO_TARGET_DIR` when set (the build runs
-/// with this process's environment), else the target dir this test was built in.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => repo().join(dir),
-        // CARGO_TARGET_TMPDIR is <target dir>/tmp.
-        None => Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .parent()
-            .expect("target dir")
-            .to_path_buf(),
-    }
-}
-
-/// Builds the release binaries once per test run (cargo's own freshness check makes this a
-/// second or two when `make build` already built them).
-fn build_release_binaries() -> &'static Result<Duration, String> {
-    static BUILT: OnceLock<Result<Duration, String>> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let started = Instant::now();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.current_dir(repo()).args(["build", "--release"]);
-        for b in BINARIES {
-            cmd.args(["-p", b]);
-        }
-        let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cargo build --release failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(started.elapsed())
-    })
 }
 
 fn free_port() -> u16 {
@@ -97,7 +57,7 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// One function's release binary attached to a `cargo lambda watch` Runtime API.
+/// One function's binary attached to a `cargo lambda watch` Runtime API.
 struct Function {
     name: String,
     port: u16,
@@ -110,10 +70,6 @@ struct Function {
 
 impl Function {
     async fn start(t: &TestStack, logical_id: &str) -> Function {
-        let built = build_release_binaries();
-        if let Err(e) = built {
-            panic!("{e}");
-        }
         let cargo_lambda = venv_bin().join("cargo-lambda");
         assert!(
             cargo_lambda.exists(),
@@ -126,8 +82,7 @@ impl Function {
             .function(logical_id)
             .unwrap_or_else(|| panic!("no {logical_id} in template.yaml"));
         let name = spec.binary.clone();
-        let binary = target_dir().join("release").join(&name);
-        assert!(binary.exists(), "{} was not built", binary.display());
+        let binary = saga_tests::workspace_binary(&name);
 
         let port = free_port();
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("binaries");
@@ -400,7 +355,7 @@ fn every_event_file_is_shaped_as_aws_delivers_it_and_is_tested() {
     }
 }
 
-/// Starts `function`'s release binary on a paused stack of its own and runs its scenario
+/// Starts `function`'s binary on a paused stack of its own and runs its scenario
 /// (tests/src/events.rs).
 async fn run(function: &str) {
     let t = TestStack::start_paused().await;
@@ -464,6 +419,10 @@ fn when_sam_builds_the_template_should_produce_an_arm64_bootstrap_for_every_func
             "{tool} is missing from .venv: run `make setup-tools` (infra/scripts/setup.sh tools)"
         );
     }
+    // The host binaries first: the function tests beside this one need them, and cargo builds
+    // one thing at a time in a target dir, so a sam build started first would hold them up
+    // for its whole length.
+    saga_tests::workspace_binary("stock");
     saga_tests::sam::ensure_sam_build().unwrap_or_else(|e| panic!("{e}"));
     let template = local_runner::template::Template::from_file(repo().join("template.yaml"))
         .expect("template.yaml");

@@ -7,7 +7,7 @@
 //! final, and the saga's invariants hold against the stores. Messages that used up their
 //! receives land in a DLQ; they are redriven, and the sweeper times out whatever is still
 //! pending, before the invariants are checked: a dead-lettered step is a delay, never a
-//! lost or corrupted order.
+//! lost or corrupted order. `saga-local audit` then finds nothing.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -208,5 +208,9 @@ async fn when_300_orders_meet_random_crashes_duplicates_and_declines_should_lose
         "every fault point should have fired"
     );
     assert_invariants(&t, &orders, &initial).await;
+    // And the stores themselves, audited as `saga-local audit` does.
+    let report = t.audit().await;
+    eprintln!("chaos: audit:\n{}", report.text());
+    assert!(report.clean(), "the audit found:\n{}", report.text());
     t.stop().await;
 }

@@ -48,6 +48,7 @@ struct Snapshot {
     orders: usize,
     idempotency: usize,
     products: Vec<BTreeMap<String, AttributeValue>>,
+    movements: usize,
     stock_queue: i64,
     payment_queue: i64,
     coordinator_queue: i64,
@@ -65,6 +66,7 @@ async fn snapshot(t: &TestStack) -> Snapshot {
         orders: t.scan("OrdersTable").await.len(),
         idempotency: t.scan("IdempotencyTable").await.len(),
         products,
+        movements: t.scan("StockMovementsTable").await.len(),
         stock_queue: t.queue_depth("StockQueue").await,
         payment_queue: t.queue_depth("PaymentQueue").await,
         coordinator_queue: t.queue_depth("CoordinatorQueue").await,
@@ -586,7 +588,6 @@ fn bad_requests() -> Vec<Case> {
         ),
         ("missing name", without(p(), "/name")),
         ("missing price", without(p(), "/priceCents")),
-        ("missing quantity", without(p(), "/quantity")),
         ("empty name", with(p(), "/name", json!(""))),
         ("blank name", with(p(), "/name", json!("   "))),
         (
@@ -671,7 +672,131 @@ fn bad_requests() -> Vec<Case> {
     );
     wrong_ct.content_type = Some("text/plain");
     cases.push(wrong_ct);
+
+    // The product model: stock is set at creation, then changes only through adjustments.
+    cases.push(case(
+        "PUT /products: no quantity for a product that does not exist",
+        "PUT",
+        "/products/p-new",
+        without(p(), "/quantity").to_string(),
+        400,
+        "INVALID_REQUEST",
+    ));
+    cases.push(case(
+        "PUT /products: a quantity for an existing product",
+        "PUT",
+        "/products/p-1",
+        with(p(), "/quantity", json!(1_000)).to_string(),
+        409,
+        "QUANTITY_NOT_WRITABLE",
+    ));
+
+    // Stock adjustments.
+    let adjustments = "/products/p-1/stock-adjustments";
+    let a = || json!({"delta": 5, "reason": "restock"});
+    let max = domain::MAX_STOCK as i64;
+    for (name, body) in [
+        ("delta 0", with(a(), "/delta", json!(0))),
+        ("fractional delta", with(a(), "/delta", json!(1.5))),
+        ("delta a string", with(a(), "/delta", json!("5"))),
+        (
+            "delta over the maximum",
+            with(a(), "/delta", json!(max + 1)),
+        ),
+        (
+            "delta under the minimum",
+            with(a(), "/delta", json!(-max - 1)),
+        ),
+        ("delta beyond i64", with(a(), "/delta", json!(u64::MAX))),
+        ("missing delta", without(a(), "/delta")),
+        ("missing reason", without(a(), "/reason")),
+        ("empty reason", with(a(), "/reason", json!(""))),
+        ("blank reason", with(a(), "/reason", json!("  "))),
+        (
+            "too long a reason",
+            with(
+                a(),
+                "/reason",
+                json!("r".repeat(domain::MAX_REASON_LEN + 1)),
+            ),
+        ),
+        (
+            "a control character in the reason",
+            with(a(), "/reason", json!("a\u{0}b")),
+        ),
+        ("reason null", with(a(), "/reason", Value::Null)),
+        ("an unknown field", a().tap_insert("quantity", json!(9))),
+        (
+            "a productId in the body",
+            a().tap_insert("productId", json!("p-2")),
+        ),
+        ("null body", Value::Null),
+        ("an array body", json!([5, "restock"])),
+    ] {
+        cases.push(case(
+            format!("POST stock-adjustments: {name}"),
+            "POST",
+            adjustments,
+            body.to_string(),
+            400,
+            "INVALID_REQUEST",
+        ));
+    }
+    cases.push(case(
+        "POST stock-adjustments: malformed JSON",
+        "POST",
+        adjustments,
+        r#"{"delta": 5,"#,
+        400,
+        "MALFORMED_JSON",
+    ));
+    cases.push(case(
+        "POST stock-adjustments: below zero",
+        "POST",
+        adjustments,
+        with(a(), "/delta", json!(-51)).to_string(),
+        409,
+        "INSUFFICIENT_STOCK",
+    ));
+    cases.push(case(
+        "POST stock-adjustments: above the largest stock",
+        "POST",
+        adjustments,
+        with(a(), "/delta", json!(max)).to_string(),
+        409,
+        "STOCK_LIMIT_EXCEEDED",
+    ));
+    cases.push(case(
+        "POST stock-adjustments: an unknown product",
+        "POST",
+        "/products/p-none/stock-adjustments",
+        a().to_string(),
+        404,
+        "NOT_FOUND",
+    ));
+    cases.push(case(
+        "POST stock-adjustments: a bad product id",
+        "POST",
+        "/products/a%01b/stock-adjustments",
+        a().to_string(),
+        400,
+        "INVALID_ID",
+    ));
     cases
+}
+
+trait TapInsert {
+    fn tap_insert(self, key: &str, value: Value) -> Value;
+}
+
+impl TapInsert for Value {
+    /// The object with one more field.
+    fn tap_insert(mut self, key: &str, value: Value) -> Value {
+        self.as_object_mut()
+            .expect("an object")
+            .insert(key.into(), value);
+        self
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -726,7 +851,7 @@ async fn when_a_request_is_bad_should_answer_4xx_with_a_json_error_and_write_not
             let after = snapshot(&t).await;
             if after != before {
                 failures.push(format!(
-                    "{} (key {key:?}) WROTE: orders {} -> {}, idempotency {} -> {}, queues {}/{}/{} -> {}/{}/{}, products changed: {}",
+                    "{} (key {key:?}) WROTE: orders {} -> {}, idempotency {} -> {}, queues {}/{}/{} -> {}/{}/{}, products changed: {}, movements {} -> {}",
                     c.name,
                     before.orders,
                     after.orders,
@@ -739,6 +864,8 @@ async fn when_a_request_is_bad_should_answer_4xx_with_a_json_error_and_write_not
                     after.payment_queue,
                     after.coordinator_queue,
                     before.products != after.products,
+                    before.movements,
+                    after.movements,
                 ));
                 // Later cases are judged against the new state, so each write is reported once.
                 before = after;
@@ -838,7 +965,7 @@ async fn when_a_product_id_is_a_route_word_should_still_be_served() {
             &[("authorization", &operator)],
         )
         .await;
-    assert_eq!(r.status, 200, "PUT /products/orders: {}", r.raw);
+    assert_eq!(r.status, 201, "PUT /products/orders: {}", r.raw);
     let r = t.request("GET", "/products/orders", None, &[]).await;
     assert_eq!(r.status, 200, "GET /products/orders: {}", r.raw);
     let r = t.request("GET", "/orders/orders", None, &[]).await;
@@ -1277,8 +1404,13 @@ fn arb_stock_command() -> impl Strategy<Value = StockCommand> {
     prop_oneof![
         (arb_order_id(), arb_lines())
             .prop_map(|(order_id, items)| StockCommand::ReserveStock { order_id, items }),
-        (arb_order_id(), arb_lines())
-            .prop_map(|(order_id, items)| StockCommand::ReleaseStock { order_id, items }),
+        (arb_order_id(), arb_lines(), any::<bool>()).prop_map(|(order_id, items, fence)| {
+            StockCommand::ReleaseStock {
+                order_id,
+                items,
+                fence,
+            }
+        }),
     ]
 }
 
@@ -1294,7 +1426,7 @@ fn arb_payment_command() -> impl Strategy<Value = PaymentCommand> {
                 }
             }
         ),
-        (arb_order_id(), arb_text(), any::<u64>()).prop_map(
+        (arb_order_id(), prop::option::of(arb_text()), any::<u64>()).prop_map(
             |(order_id, payment_id, amount_cents)| PaymentCommand::RefundPayment {
                 order_id,
                 payment_id,
@@ -1337,6 +1469,9 @@ fn arb_saga_event() -> impl Strategy<Value = SagaEvent> {
             order_id,
             cutoff_ms
         }),
+        arb_order_id().prop_map(|order_id| SagaEvent::StockVoided { order_id }),
+        arb_order_id().prop_map(|order_id| SagaEvent::PaymentVoided { order_id }),
+        arb_order_id().prop_map(|order_id| SagaEvent::OrderCancelled { order_id }),
     ]
 }
 
@@ -1586,7 +1721,10 @@ async fn when_a_stock_batch_mixes_garbage_and_valid_messages_should_fail_exactly
     let valid = [
         json!({"type": "ReserveStock", "orderId": ids[0], "items": [{"productId": "p-1", "quantity": 1}, {"productId": "p-2", "quantity": 1}]}),
         json!({"type": "ReserveStock", "orderId": ids[1], "items": [{"productId": "p-1", "quantity": 2}]}),
-        json!({"type": "ReleaseStock", "orderId": "o-never-reserved", "items": [{"productId": "p-1", "quantity": 1}]}),
+        // An order cancelled before its reservation was seen: the release fences it off. (A
+        // release without the fence, for a reservation that does not exist, is a fault for
+        // the DLQ, not a valid message.)
+        json!({"type": "ReleaseStock", "orderId": "o-never-reserved", "items": [{"productId": "p-1", "quantity": 1}], "fence": true}),
     ]
     .iter()
     .map(Value::to_string)

@@ -82,6 +82,7 @@ fn completed<'a>(key: StepKey<'a>, hash: &'a str, result: &'a str, ttl: Duration
         key,
         payload_hash: hash,
         result,
+        outcome: Some(idempotency::Outcome::Reserved),
         ttl,
     }
 }
@@ -348,7 +349,13 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
         .unwrap(),
         Claim::Acquired
     );
-    s.complete(step("o-2#charge"), result).await.unwrap();
+    s.complete(
+        step("o-2#charge"),
+        result,
+        Some(idempotency::Outcome::Charged),
+    )
+    .await
+    .unwrap();
     let done = stored(&t, "o-2#charge").await.unwrap();
     assert_eq!(done.status, Status::Completed);
     assert_eq!(done.in_progress_until_ms, None, "the deadline is removed");
@@ -417,7 +424,11 @@ async fn when_a_step_completed_should_replay_its_result_and_never_be_taken_over(
     );
 
     // complete() on a key nobody claimed fails rather than inventing a record.
-    assert!(s.complete(step("nobody#charge"), result).await.is_err());
+    assert!(
+        s.complete(step("nobody#charge"), result, None)
+            .await
+            .is_err()
+    );
     assert_eq!(stored(&t, "nobody#charge").await, None);
     t.stop().await;
 }
@@ -493,7 +504,7 @@ async fn when_a_claim_is_released_should_let_a_retry_run_but_never_drop_a_comple
         "the retry runs"
     );
 
-    s.complete(step("o-4#charge"), "{\"done\":true}")
+    s.complete(step("o-4#charge"), "{\"done\":true}", None)
         .await
         .unwrap();
     s.release(step("o-4#charge")).await.unwrap();

@@ -272,7 +272,7 @@ async fn when_the_runner_is_killed_mid_saga_and_restarted_should_finish_every_or
             )
             .await
             .expect("put product");
-        assert_eq!(status, 200, "{body}");
+        assert_eq!(status, 201, "{body}");
     }
     let initial: HashMap<String, i64> = products.iter().cloned().collect();
 

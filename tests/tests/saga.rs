@@ -306,9 +306,18 @@ async fn when_an_order_confirms_should_show_prices_total_and_statuses() {
     assert_eq!(t.product_quantity("p-mug").await, 3);
     let p = t.request("GET", "/products/p-mug", None, &[]).await;
     assert_eq!(
-        p.body,
-        json!({"productId": "p-mug", "name": "p-mug", "priceCents": 1250, "quantity": 3})
+        (
+            &p.body["productId"],
+            &p.body["name"],
+            &p.body["priceCents"],
+            &p.body["quantity"]
+        ),
+        (&json!("p-mug"), &json!("p-mug"), &json!(1250), &json!(3)),
+        "{}",
+        p.raw
     );
+    assert!(p.body["reserved"].is_u64(), "{}", p.raw);
+    assert_eq!(p.headers["etag"], "\"v1\"", "only PUT changes the ETag");
     assert_eq!(
         t.request("GET", "/orders/nope", None, &[]).await.status,
         404

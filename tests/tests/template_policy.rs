@@ -132,6 +132,7 @@ fn check(text: &str) -> Problems {
     check_routes(&template, &mut problems);
     check_auth(&template, &readme_text(), &mut problems);
     check_queues(&template, &mut problems);
+    check_timeout(&template, &readme_text(), &mut problems);
     check_configurations(&mut problems);
     for f in &template.functions {
         check_environment(f, &mut problems);
@@ -357,6 +358,58 @@ fn check_queues(template: &Template, problems: &mut Problems) {
     }
 }
 
+/// The README section that says why an order may time out while its commands are still
+/// being retried.
+const TIMEOUT_SECTION: &str = "Timeouts and retries";
+
+/// `OrderTimeoutSeconds` against the longest time a message of a work queue can still be
+/// retried (`maxReceiveCount` x `VisibilityTimeout`): an order may time out while its
+/// ReserveStock or ChargePayment is still being retried. That is harmless only because a
+/// cancellation fences the steps that have not run (a late command then holds or charges
+/// nothing), and the README must say so, in its "Timeouts and retries" section.
+fn check_timeout(template: &Template, readme: &str, problems: &mut Problems) {
+    let Some(timeout) = template
+        .parameter_value("OrderTimeoutSeconds")
+        .and_then(|v| v.parse::<i64>().ok())
+    else {
+        problems.push("OrderTimeoutSeconds has no numeric default".into());
+        return;
+    };
+    let longest = template
+        .queues
+        .iter()
+        .filter_map(|q| {
+            let r = q.redrive.as_ref()?;
+            Some((
+                q.logical_id.clone(),
+                r.max_receive_count as i64 * q.visibility_timeout.unwrap_or(30) as i64,
+            ))
+        })
+        .max_by_key(|(_, span)| *span);
+    let Some((queue, span)) = longest else { return };
+    if timeout >= span {
+        return;
+    }
+    let lines: Vec<&str> = readme.lines().collect();
+    let explained = lines
+        .iter()
+        .position(|l| l.starts_with('#') && l.contains(TIMEOUT_SECTION))
+        .is_some_and(|at| {
+            lines[at + 1..]
+                .iter()
+                .take_while(|l| !l.starts_with('#'))
+                .any(|l| l.contains("fence"))
+        });
+    if !explained {
+        problems.push(format!(
+            "OrderTimeoutSeconds ({timeout} s) is shorter than {queue}'s retry span ({span} s = \
+             maxReceiveCount x VisibilityTimeout), and the README has no \"{TIMEOUT_SECTION}\" \
+             section saying why a command retried after its order timed out is harmless (the \
+             fence)"
+        ));
+    }
+}
+
 fn has_dlq_alarm(template: &Template, dlq: &str) -> bool {
     let watched = DimensionValue::GetAtt {
         logical_id: dlq.to_string(),
@@ -554,6 +607,33 @@ fn when_a_gateway_route_and_the_handlers_routes_differ_should_report_it() {
             "no event",
         ],
     );
+}
+
+#[test]
+fn when_the_timeout_is_shorter_than_the_retry_span_without_the_readme_saying_why_should_report_it()
+{
+    let template = Template::from_str(&real_template_text()).expect("template.yaml");
+    let readme = readme_text();
+    let mut problems = Problems::new();
+    check_timeout(&template, &readme, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    // The section gone (or saying nothing of the fence): reported.
+    let without: String = readme.replace(TIMEOUT_SECTION, "Something else");
+    check_timeout(&template, &without, &mut problems);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("OrderTimeoutSeconds") && problems[0].contains("retry span"),
+        "{problems:?}"
+    );
+    // A timeout longer than every retry span needs no explanation.
+    let text = mutated(
+        "    Default: \"300\"\n",
+        "    Default: \"100000\"\n",
+        Some("  OrderTimeoutSeconds:"),
+    );
+    let mut problems = Problems::new();
+    check_timeout(&Template::from_str(&text).unwrap(), &without, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
 }
 
 #[test]

@@ -71,6 +71,7 @@ pub const ORDERS_CUSTOMER_INDEX: &str = "ORDERS_CUSTOMER_INDEX";
 pub const GROUPS_CLAIM: &str = "GROUPS_CLAIM";
 pub const OPERATORS_GROUP: &str = "OPERATORS_GROUP";
 pub const PRODUCTS_TABLE: &str = "PRODUCTS_TABLE";
+pub const STOCK_MOVEMENTS_TABLE: &str = "STOCK_MOVEMENTS_TABLE";
 pub const IDEMPOTENCY_TABLE: &str = "IDEMPOTENCY_TABLE";
 pub const PAYMENT_LEDGER_TABLE: &str = "PAYMENT_LEDGER_TABLE";
 pub const STOCK_QUEUE_URL: &str = "STOCK_QUEUE_URL";
@@ -84,6 +85,7 @@ pub struct OrderApiConfig {
     pub orders_table: String,
     pub customer_index: String,
     pub products_table: String,
+    pub stock_movements_table: String,
     pub idempotency_table: String,
     pub stock_queue_url: String,
     pub payment_queue_url: String,
@@ -98,6 +100,7 @@ impl OrderApiConfig {
         ORDERS_TABLE,
         ORDERS_CUSTOMER_INDEX,
         PRODUCTS_TABLE,
+        STOCK_MOVEMENTS_TABLE,
         IDEMPOTENCY_TABLE,
         STOCK_QUEUE_URL,
         PAYMENT_QUEUE_URL,
@@ -115,6 +118,7 @@ impl OrderApiConfig {
             orders_table: required(env, ORDERS_TABLE)?,
             customer_index: required(env, ORDERS_CUSTOMER_INDEX)?,
             products_table: required(env, PRODUCTS_TABLE)?,
+            stock_movements_table: required(env, STOCK_MOVEMENTS_TABLE)?,
             idempotency_table: required(env, IDEMPOTENCY_TABLE)?,
             stock_queue_url: required(env, STOCK_QUEUE_URL)?,
             payment_queue_url: required(env, PAYMENT_QUEUE_URL)?,

@@ -34,6 +34,9 @@ pub enum StockStatus {
     Reserved,
     Rejected,
     Released,
+    /// The order was cancelled before its stock was reserved, and the reservation was fenced
+    /// off: a `ReserveStock` that arrives later holds nothing.
+    Voided,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,6 +46,9 @@ pub enum PaymentStatus {
     Charged,
     Declined,
     Refunded,
+    /// The order was cancelled before it was charged, and the charge was fenced off: a
+    /// `ChargePayment` that arrives later charges nothing.
+    Voided,
 }
 
 /// Why an order was cancelled.
@@ -53,6 +59,8 @@ pub enum CancelReason {
     UnknownProduct,
     PaymentDeclined,
     Timeout,
+    /// `POST /orders/{orderId}/cancel`, by the order's customer or an operator.
+    CustomerCancelled,
 }
 
 impl CancelReason {
@@ -62,6 +70,7 @@ impl CancelReason {
             CancelReason::UnknownProduct => "UNKNOWN_PRODUCT",
             CancelReason::PaymentDeclined => "PAYMENT_DECLINED",
             CancelReason::Timeout => "TIMEOUT",
+            CancelReason::CustomerCancelled => "CUSTOMER_CANCELLED",
         }
     }
 }
@@ -117,13 +126,78 @@ pub struct PlaceOrderRequest {
     pub payment_method: Option<String>,
 }
 
-/// The body of `PUT /products/{productId}`.
+/// The body of `PUT /products/{productId}`. `quantity` (the initial stock) is required to
+/// create a product and refused on an existing one: after creation, stock changes only through
+/// stock adjustments ([`AdjustStockRequest`]) and the saga.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PutProductRequest {
     pub name: String,
     pub price_cents: u64,
-    pub quantity: u64,
+    #[serde(default)]
+    pub quantity: Option<u64>,
+}
+
+/// Longest reason of a stock adjustment.
+pub const MAX_REASON_LEN: usize = 200;
+/// The reason recorded with a product's first movement (its initial stock).
+pub const INITIAL_STOCK_REASON: &str = "initial stock";
+
+/// The body of `POST /products/{productId}/stock-adjustments`: how many units come in
+/// (positive) or go out (negative), and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdjustStockRequest {
+    pub delta: i64,
+    pub reason: String,
+}
+
+impl AdjustStockRequest {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let max = MAX_STOCK as i64;
+        if self.delta == 0 || !(-max..=max).contains(&self.delta) {
+            return Err(invalid(
+                "delta",
+                format!("must be a non-zero whole number from -{MAX_STOCK} to {MAX_STOCK}"),
+            ));
+        }
+        if self.reason.trim().is_empty() {
+            return Err(invalid("reason", "must not be empty"));
+        }
+        if self.reason.chars().count() > MAX_REASON_LEN {
+            return Err(invalid(
+                "reason",
+                format!("must be at most {MAX_REASON_LEN} characters"),
+            ));
+        }
+        if self.reason.chars().any(char::is_control) {
+            return Err(invalid("reason", "must not contain control characters"));
+        }
+        Ok(())
+    }
+}
+
+/// One change of a product's stock: its creation (the initial stock) or an adjustment. Stored
+/// in the stock movements table (key `productId`, `movementId`) and returned by
+/// `POST /products/{productId}/stock-adjustments`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockMovement {
+    pub product_id: String,
+    /// Sorts by time: the zero-padded epoch milliseconds, `#`, a UUID ([`movement_id`]).
+    pub movement_id: String,
+    pub delta: i64,
+    pub reason: String,
+    /// Who made it: the caller's `sub`.
+    pub actor: String,
+    pub at_ms: i64,
+    /// The units available right after this movement.
+    pub quantity_after: u64,
+}
+
+/// A movement id that sorts by time: `{atMs, 15 digits}#{uuid}`.
+pub fn movement_id(at_ms: i64) -> String {
+    format!("{:015}#{}", at_ms.max(0), uuid::Uuid::new_v4())
 }
 
 /// A validation failure: which field, and what is wrong with it.
@@ -231,7 +305,7 @@ impl PutProductRequest {
                 format!("must be a whole number from 0 to {MAX_PRICE_CENTS}"),
             ));
         }
-        if self.quantity > MAX_STOCK {
+        if self.quantity.is_some_and(|q| q > MAX_STOCK) {
             return Err(invalid(
                 "quantity",
                 format!("must be a whole number from 0 to {MAX_STOCK}"),
@@ -242,7 +316,10 @@ impl PutProductRequest {
 }
 
 /// A product as stored and as returned by `GET /products/{productId}`; `quantity` is the
-/// stock available now (reservations are already taken off).
+/// stock available now (reservations are already taken off), `reserved` the units held by
+/// orders that are not cancelled (maintained by the stock function; absent means 0).
+/// `version` counts the changes of the catalogue fields (name, price): only
+/// `PUT /products/{productId}` bumps it, never a stock change, and the `ETag` is made of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Product {
@@ -250,6 +327,20 @@ pub struct Product {
     pub name: String,
     pub price_cents: u64,
     pub quantity: u64,
+    /// Units held by orders that are not cancelled (reserved, or sold). The reservation and
+    /// release transactions move units between `quantity` and `reserved`, so their sum changes
+    /// only through stock adjustments. Absent on a product no order has reserved yet.
+    #[serde(default)]
+    pub reserved: u64,
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl Product {
+    /// The strong entity tag of the product's catalogue fields: `"v{version}"`.
+    pub fn etag(&self) -> String {
+        format!("\"v{}\"", self.version)
+    }
 }
 
 /// One line of an order, priced from the product when the order was placed.
@@ -294,14 +385,19 @@ pub struct Order {
     pub updated_at: String,
     /// Creation time in epoch milliseconds: the sort key of the pending-orders index.
     pub created_at_ms: i64,
-    /// Present (always `"PENDING"`) only while the order is pending: the sparse partition key
-    /// of the index the timeout sweeper queries.
+    /// The sparse partition key of the index the timeout sweeper queries: `"PENDING"` while
+    /// the order is pending, `"CANCELLING"` from a cancellation through the API until the
+    /// coordinator has sent its compensations; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_sweep: Option<String>,
 }
 
 /// Value of [`Order::pending_sweep`] while an order is pending.
 pub const PENDING_SWEEP: &str = "PENDING";
+/// Value of [`Order::pending_sweep`] from an API cancellation until the coordinator has sent
+/// the order's compensations: what the sweeper hands the coordinator again, should the API
+/// have died between the two.
+pub const CANCELLING_SWEEP: &str = "CANCELLING";
 
 /// Prices an order from its request and the products' current prices.
 /// `price_of` returns `None` for an unknown product, which makes the whole order invalid.

@@ -15,11 +15,17 @@ pub enum StockCommand {
         #[serde(deserialize_with = "crate::domain::objects")]
         items: Vec<StockLine>,
     },
+    /// Gives back an order's reservation. With `fence` (the order was cancelled before its
+    /// reservation was seen), a reservation that has not happened yet is fenced off instead,
+    /// so that a `ReserveStock` still in flight holds nothing. Without it (the coordinator saw
+    /// `StockReserved`), a missing reservation is an error for the DLQ and its alarm.
     #[serde(rename_all = "camelCase")]
     ReleaseStock {
         order_id: String,
         #[serde(deserialize_with = "crate::domain::objects")]
         items: Vec<StockLine>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fence: bool,
     },
 }
 
@@ -34,10 +40,15 @@ pub enum PaymentCommand {
         amount_cents: u64,
         payment_method: String,
     },
+    /// Refunds an order's charge. Without `paymentId` (the order was cancelled before its
+    /// charge was seen), the charge is looked up by the order's business key: refunded if it
+    /// happened, fenced off if it has not, so that a `ChargePayment` still in flight charges
+    /// nothing.
     #[serde(rename_all = "camelCase")]
     RefundPayment {
         order_id: String,
-        payment_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payment_id: Option<String>,
         amount_cents: u64,
     },
 }
@@ -64,6 +75,9 @@ pub enum SagaEvent {
     },
     #[serde(rename_all = "camelCase")]
     StockReleased { order_id: String },
+    /// The order was cancelled before its stock was reserved; the reservation is fenced off.
+    #[serde(rename_all = "camelCase")]
+    StockVoided { order_id: String },
     #[serde(rename_all = "camelCase")]
     PaymentCharged {
         order_id: String,
@@ -76,6 +90,13 @@ pub enum SagaEvent {
         order_id: String,
         payment_id: String,
     },
+    /// The order was cancelled before it was charged; the charge is fenced off.
+    #[serde(rename_all = "camelCase")]
+    PaymentVoided { order_id: String },
+    /// The order was cancelled through the API (sent by the API, and again by the sweeper
+    /// while the order is still marked as cancelling): the coordinator compensates.
+    #[serde(rename_all = "camelCase")]
+    OrderCancelled { order_id: String },
     /// Sent by the timeout sweeper for an order created before `cutoff_ms` and still pending.
     #[serde(rename_all = "camelCase")]
     OrderTimedOut { order_id: String, cutoff_ms: i64 },
@@ -105,9 +126,12 @@ impl SagaEvent {
             SagaEvent::StockReserved { order_id }
             | SagaEvent::StockRejected { order_id, .. }
             | SagaEvent::StockReleased { order_id }
+            | SagaEvent::StockVoided { order_id }
             | SagaEvent::PaymentCharged { order_id, .. }
             | SagaEvent::PaymentDeclined { order_id, .. }
             | SagaEvent::PaymentRefunded { order_id, .. }
+            | SagaEvent::PaymentVoided { order_id }
+            | SagaEvent::OrderCancelled { order_id }
             | SagaEvent::OrderTimedOut { order_id, .. } => order_id,
         }
     }

@@ -24,8 +24,8 @@ use crate::adapters::payment::{
     ChargeOutcome, ChargeRequest, ProviderError, RefundOutcome, RefundRequest,
 };
 use crate::adapters::sqs::PublishError;
-use crate::domain::{Order, Product, StockLine};
-use crate::idempotency::{Claim, ClaimRequest, Completed, IdempotencyRecord};
+use crate::domain::{Order, Product, StockLine, StockMovement};
+use crate::idempotency::{Claim, ClaimRequest, Completed, IdempotencyRecord, StepKey};
 use crate::messages::StockRejection;
 use crate::saga::Fact;
 
@@ -40,6 +40,8 @@ pub struct FactUpdate {
     pub cancel_product_id: Option<String>,
     /// For [`Fact::TimedOut`]: only orders created before this instant are cancelled.
     pub cutoff_ms: Option<i64>,
+    /// Only the order of this customer (a customer's own cancellation through the API).
+    pub customer_id: Option<String>,
 }
 
 impl FactUpdate {
@@ -50,6 +52,7 @@ impl FactUpdate {
             cancel_detail: None,
             cancel_product_id: None,
             cutoff_ms: None,
+            customer_id: None,
         }
     }
 }
@@ -153,6 +156,21 @@ pub trait Orders: Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<Update, StoreError>> + Send;
 
+    /// Takes a customer-cancelled order out of the sweeper's cancelling partition once the
+    /// coordinator has sent its compensations (`NotApplicable` when it is not in it).
+    fn compensations_sent(
+        &self,
+        order_id: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Update, StoreError>> + Send;
+
+    /// Ids of customer-cancelled orders whose compensations may not have been sent yet (the
+    /// API died between the cancellation and its message); at most `limit`.
+    fn cancelling(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
     /// Ids of orders still pending that were created before `cutoff_ms`, oldest first; at
     /// most `limit`.
     fn pending_before(
@@ -162,10 +180,101 @@ pub trait Orders: Send + Sync {
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 }
 
-/// The products table: the catalogue.
+/// Which catalogue versions a conditional change accepts (`If-Match`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Any version, as long as the product exists (`If-Match: *`).
+    Any,
+    /// One of these versions (never empty).
+    Versions(Vec<u64>),
+}
+
+impl Expected {
+    pub fn accepts(&self, version: u64) -> bool {
+        match self {
+            Expected::Any => true,
+            Expected::Versions(v) => v.contains(&version),
+        }
+    }
+}
+
+/// The outcome of creating a product.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// Created, with its first stock movement.
+    Created(Product),
+    /// A product with this id exists: nothing written.
+    Exists,
+    /// A concurrent transaction touched the same item: nothing written; try again.
+    Conflict,
+}
+
+/// The outcome of changing a product's name and price.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Updated {
+    /// Changed; the product as it is now (its version bumped).
+    Updated(Product),
+    /// There is no such product: nothing written.
+    NotFound,
+    /// The product's version is not one the request accepts: nothing written. The product as
+    /// it is.
+    VersionMismatch(Product),
+}
+
+/// A stock adjustment to write, all of it or none: the product's quantity goes from `seen`
+/// to `movement.quantity_after` (only if it is still `seen`), the movement is recorded, and so
+/// is the request's idempotency record when it has a key.
+#[derive(Clone, Debug)]
+pub struct Adjustment<'a> {
+    pub movement: &'a StockMovement,
+    /// The quantity read before: the condition of the write.
+    pub seen: u64,
+    pub done: Option<&'a Completed<'a>>,
+}
+
+/// The outcome of writing an [`Adjustment`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Adjusted {
+    Applied,
+    /// The quantity is no longer the one seen (an order or another adjustment came first), or
+    /// the product is gone: nothing written; read again and retry.
+    StockMoved,
+    /// A concurrent transaction touched the same items: nothing written; retry.
+    Conflict,
+    /// The idempotency key is taken (a duplicate came first): nothing written; its record.
+    KeyTaken(IdempotencyRecord),
+}
+
+/// The products table (the catalogue) and the stock movements table.
+///
+/// Stock changes outside the saga only through [`Products::adjust`], and every change is
+/// recorded as a movement in the same transaction. Name and price change through
+/// [`Products::update`], which never touches stock.
 pub trait Products: Send + Sync {
-    /// Creates or replaces a product, setting its available stock.
-    fn put(&self, product: &Product) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Creates a product (never overwrites one) and records its initial stock as its first
+    /// movement, both or neither.
+    fn create_product(
+        &self,
+        product: &Product,
+        first: &StockMovement,
+    ) -> impl Future<Output = Result<Created, StoreError>> + Send;
+
+    /// Sets an existing product's name and price and bumps its version, if its version is one
+    /// `expected` accepts (any without `expected`). Stock is left alone.
+    fn update(
+        &self,
+        product_id: &str,
+        name: &str,
+        price_cents: u64,
+        expected: Option<&Expected>,
+    ) -> impl Future<Output = Result<Updated, StoreError>> + Send;
+
+    /// Writes a stock adjustment (see [`Adjustment`]).
+    fn adjust(
+        &self,
+        adjustment: &Adjustment<'_>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Adjusted, StoreError>> + Send;
 
     fn get(
         &self,
@@ -193,10 +302,17 @@ pub enum ReserveOutcome {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReleaseOutcome {
+    /// The reservation's units are back in stock (and out of `reserved`).
     Released,
+    /// Released before: the release record.
     AlreadyDone(IdempotencyRecord),
-    /// There is no successful reservation for this order: nothing to give back.
-    NothingReserved,
+    /// There was no reservation, and the fence asked for now stands in its place: a
+    /// `ReserveStock` that arrives later replays the fence and holds nothing.
+    Fenced,
+    /// The reservation step holds nothing (rejected, or fenced earlier): its record.
+    NothingHeld(IdempotencyRecord),
+    /// There is no reservation record at all, and no fence was asked for.
+    Missing,
 }
 
 /// Stock levels: reservation and release, each all lines or none, each recorded once.
@@ -210,13 +326,16 @@ pub trait Stock: Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<ReserveOutcome, StoreError>> + Send;
 
-    /// Gives back every line of a reservation whose record holds `reserved_result`, and records
-    /// `done` (the release step), in one write.
+    /// Gives back every line of the reservation recorded under `reservation` if its record's
+    /// outcome is `RESERVED` (or, for a record written before outcomes were recorded, if its
+    /// result is a `StockReserved`), and records `done` (the release step), in one write. When
+    /// there is no reservation record and `fence` is given, puts the fence in its place.
     fn release(
         &self,
         lines: &[StockLine],
         done: &Completed<'_>,
-        reservation: &Completed<'_>,
+        reservation: StepKey<'_>,
+        fence: Option<&Completed<'_>>,
         now_ms: i64,
     ) -> impl Future<Output = Result<ReleaseOutcome, StoreError>> + Send;
 }

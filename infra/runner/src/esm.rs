@@ -54,6 +54,8 @@ pub struct Mapping {
     pub duplicate_rate: f64,
     pub wait_seconds: i32,
     pub region: String,
+    /// Records queue waits and invocation times (the load benchmark); `None` otherwise.
+    pub probe: Option<crate::timing::Probe>,
 }
 
 /// Starts `mapping.concurrency` pollers. They stop when `shutdown` turns true and idle while
@@ -257,6 +259,7 @@ async fn call(
     event: SqsEvent,
     timeout: Duration,
 ) -> Result<Result<SqsBatchResponse, lambda_runtime::Error>, Duration> {
+    let records = event.records.len();
     let started = Instant::now();
     match tokio::time::timeout(
         timeout,
@@ -266,6 +269,9 @@ async fn call(
     {
         Ok(outcome) => {
             m.function_timeout.observe(started.elapsed());
+            if let Some(p) = &m.probe {
+                p.invoked(&m.function, records, started.elapsed());
+            }
             Ok(outcome)
         }
         Err(_) => {
@@ -282,6 +288,9 @@ async fn invoke(
     messages: Vec<Message>,
     timeout: Duration,
 ) -> Outcome {
+    if let Some(p) = &m.probe {
+        p.delivered(&m.function, &messages);
+    }
     let event = sqs_event(m, &messages);
     let failed: HashSet<String> = match call(m, function, event, timeout).await {
         Ok(Ok(response)) => {

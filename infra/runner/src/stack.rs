@@ -35,6 +35,7 @@ use crate::http::{self, HttpFunction, RouteSpec};
 use crate::pacing::FunctionTimeout;
 use crate::provision;
 use crate::template::{FunctionSpec, HttpRouteSpec, LocalNames, Template};
+use crate::timing::{Probe, ProbeInterceptor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -95,6 +96,12 @@ pub struct StackOptions {
     pub call_counter: Option<CallCounter>,
     /// Records what each function does with AWS, by function (the least-privilege test).
     pub access_recorder: Option<AccessRecorder>,
+    /// Records where the time goes: queue waits, invocations, each function's AWS calls and
+    /// when orders reach their final state (the load benchmark).
+    pub probe: Option<Probe>,
+    /// Overrides every SQS event source's `MaximumBatchingWindowInSeconds` (the load
+    /// benchmark compares settings); `None` keeps the template's.
+    pub batching_window: Option<Duration>,
 }
 
 impl StackOptions {
@@ -117,6 +124,8 @@ impl StackOptions {
             paused: Vec::new(),
             call_counter: None,
             access_recorder: None,
+            probe: None,
+            batching_window: None,
         }
     }
 }
@@ -137,7 +146,7 @@ pub async fn local_clients_counted(
     region: &str,
     counter: Option<CallCounter>,
 ) -> AwsClients {
-    LocalEndpoints::new(dynamodb_endpoint, sqs_endpoint, region).clients(counter, None)
+    LocalEndpoints::new(dynamodb_endpoint, sqs_endpoint, region).clients(counter, None, None)
 }
 
 /// A cognito-idp client of the local stand-in at `endpoint` (moto), with dummy credentials.
@@ -174,16 +183,18 @@ impl LocalEndpoints {
         aws_sdk_cognitoidentityprovider::Client::from_conf(config)
     }
 
-    /// Clients that count every call in `counter` and record a function's accesses with
-    /// `access`, when given.
+    /// Clients that count every call in `counter`, record a function's accesses with
+    /// `access` and time its calls with `probe`, when given.
     fn clients(
         &self,
         counter: Option<CallCounter>,
         access: Option<crate::access::Interceptor>,
+        probe: Option<ProbeInterceptor>,
     ) -> AwsClients {
         let mut interceptors = Vec::new();
         interceptors.extend(counter.map(SharedInterceptor::new));
         interceptors.extend(access.map(SharedInterceptor::new));
+        interceptors.extend(probe.map(SharedInterceptor::new));
         AwsClients::build(
             &self.config,
             Some(self.dynamodb.clone()),
@@ -254,7 +265,7 @@ impl Stack {
         let template = Template::from_file(&opts.template_path)?;
         let endpoints =
             LocalEndpoints::new(&opts.dynamodb_endpoint, &opts.sqs_endpoint, &opts.region);
-        let clients = endpoints.clients(opts.call_counter.clone(), None);
+        let clients = endpoints.clients(opts.call_counter.clone(), None, None);
         let cognito = endpoints.cognito();
         let mut names =
             provision::provision(&template, &opts.prefix, &clients.dynamodb, &clients.sqs).await?;
@@ -268,7 +279,8 @@ impl Stack {
                     .access_recorder
                     .as_ref()
                     .map(|r| r.interceptor(&f.logical_id, &names));
-                let clients = endpoints.clients(opts.call_counter.clone(), access);
+                let probe = opts.probe.as_ref().map(|p| p.interceptor(&f.logical_id));
+                let clients = endpoints.clients(opts.call_counter.clone(), access, probe);
                 (f.logical_id.clone(), clients)
             })
             .collect();
@@ -332,9 +344,20 @@ impl Stack {
         let sqs_function: Option<SqsFunction> = match config {
             FunctionConfig::OrderApi(config) => {
                 let handler = Arc::new(ApiHandler::new(clients, config, opts.faults.clone()));
+                let probe = opts.probe.clone();
+                let name = function.logical_id.clone();
                 let f: HttpFunction = Arc::new(move |req| {
                     let handler = handler.clone();
-                    async move { handler.handle(req).await }.boxed()
+                    let (probe, name) = (probe.clone(), name.clone());
+                    async move {
+                        let started = std::time::Instant::now();
+                        let response = handler.handle(req).await;
+                        if let Some(p) = probe {
+                            p.invoked(&name, 1, started.elapsed());
+                        }
+                        response
+                    }
+                    .boxed()
                 });
                 let mut routes = Vec::new();
                 for route in &function.http_routes {
@@ -422,7 +445,9 @@ impl Stack {
                         .cloned()
                         .unwrap_or_default(),
                     batch_size: event.batch_size.clamp(1, 10) as i32,
-                    batching_window: Duration::from_secs(event.batching_window_seconds.into()),
+                    batching_window: opts
+                        .batching_window
+                        .unwrap_or(Duration::from_secs(event.batching_window_seconds.into())),
                     visibility_floor: opts.visibility_timeout.unwrap_or(queue_visibility),
                     visibility_ceiling: queue_visibility,
                     concurrency: event.maximum_concurrency.unwrap_or(2) as usize,
@@ -430,6 +455,7 @@ impl Stack {
                     duplicate_rate: opts.duplicate_rate,
                     wait_seconds: opts.poll_wait_seconds,
                     region: opts.region.clone(),
+                    probe: opts.probe.clone(),
                 };
                 self.tasks.extend(esm::spawn(
                     mapping,

@@ -2293,6 +2293,7 @@ mod tests {
             [
                 "OrdersTable",
                 "ProductsTable",
+                "StockMovementsTable",
                 "IdempotencyTable",
                 "PaymentLedgerTable"
             ]
@@ -2417,6 +2418,11 @@ mod tests {
             ("GET /orders/{orderId}", RouteAuth::ApiDefault),
             ("GET /products/{productId}", RouteAuth::Public),
             ("POST /orders", RouteAuth::ApiDefault),
+            ("POST /orders/{orderId}/cancel", RouteAuth::ApiDefault),
+            (
+                "POST /products/{productId}/stock-adjustments",
+                RouteAuth::ApiDefault,
+            ),
             ("PUT /products/{productId}", RouteAuth::ApiDefault),
         ]
         .iter()
@@ -2447,6 +2453,7 @@ mod tests {
         let api = env("OrderApiFunction");
         assert_eq!(api["ORDERS_TABLE"], table("OrdersTable"));
         assert_eq!(api["PRODUCTS_TABLE"], table("ProductsTable"));
+        assert_eq!(api["STOCK_MOVEMENTS_TABLE"], table("StockMovementsTable"));
         assert_eq!(api["IDEMPOTENCY_TABLE"], table("IdempotencyTable"));
         assert_eq!(api["STOCK_QUEUE_URL"], url("StockQueue"));
         assert_eq!(api["PAYMENT_QUEUE_URL"], url("PaymentQueue"));
@@ -2454,7 +2461,7 @@ mod tests {
         assert_eq!(api["ORDERS_CUSTOMER_INDEX"], "CustomerOrdersIndex");
         assert_eq!(api["GROUPS_CLAIM"], "cognito:groups");
         assert_eq!(api["OPERATORS_GROUP"], "operators");
-        assert_eq!(api.len(), 9);
+        assert_eq!(api.len(), 10);
 
         let stock = env("StockFunction");
         assert_eq!(stock["PRODUCTS_TABLE"], table("ProductsTable"));
@@ -2466,12 +2473,13 @@ mod tests {
         assert_eq!(payment["IDEMPOTENCY_TABLE"], table("IdempotencyTable"));
         assert_eq!(payment["PAYMENT_LEDGER_TABLE"], table("PaymentLedgerTable"));
         assert_eq!(payment["COORDINATOR_QUEUE_URL"], url("CoordinatorQueue"));
-        assert_eq!(payment["PAYMENT_FAILURE_RATE"], "0.1");
+        assert_eq!(payment["PAYMENT_FAILURE_RATE"], "0");
         assert_eq!(payment.len(), 5);
-        // A `!Ref` to a parameter reads as the parameter's value.
+        // A `!Ref` to a parameter reads as the parameter's value (its default: no random
+        // declines in a deployed stack).
         assert_eq!(
             t.function("PaymentFunction").unwrap().environment["PAYMENT_FAILURE_RATE"],
-            EnvValue::Literal("0.1".into())
+            EnvValue::Literal("0".into())
         );
 
         let coordinator = env("CoordinatorFunction");
@@ -2638,7 +2646,7 @@ mod tests {
     #[test]
     fn when_parameters_are_overridden_should_change_environment_and_schedule() {
         let overrides = BTreeMap::from([
-            ("PaymentFailureRate".to_string(), "0".to_string()),
+            ("PaymentFailureRate".to_string(), "0.25".to_string()),
             ("OrderTimeoutSeconds".to_string(), "5".to_string()),
             ("SweepSchedule".to_string(), "rate(2 minutes)".to_string()),
         ]);
@@ -2649,7 +2657,7 @@ mod tests {
             .unwrap()
             .resolve_environment(&names, &t)
             .unwrap();
-        assert_eq!(payment["PAYMENT_FAILURE_RATE"], "0");
+        assert_eq!(payment["PAYMENT_FAILURE_RATE"], "0.25");
         let sweeper = t.function("SweeperFunction").unwrap();
         assert_eq!(
             sweeper.resolve_environment(&names, &t).unwrap()["ORDER_TIMEOUT_SECONDS"],

@@ -14,14 +14,15 @@ use super::payment::{
     ChargeOutcome, ChargeRequest, ProviderError, RefundOutcome, RefundRequest, TOKEN_DECLINED,
 };
 use super::sqs::PublishError;
-use crate::domain::{Order, OrderStatus, Product, StockLine};
+use crate::domain::{CancelReason, Order, OrderStatus, Product, StockLine, StockMovement};
 use crate::idempotency::{
-    Claim, ClaimRequest, Completed, Idempotency, IdempotencyRecord, Status, StepKey,
+    Claim, ClaimRequest, Completed, Idempotency, IdempotencyRecord, Outcome, Status, StepKey,
 };
 use crate::messages::StockRejection;
 use crate::ports::{
-    CreateError, FactUpdate, OrderCursor, OrderPage, Orders, PaymentProvider, Products, Publish,
-    ReleaseOutcome, ReserveOutcome, Stock, Update,
+    Adjusted, Adjustment, CreateError, Created, Expected, FactUpdate, OrderCursor, OrderPage,
+    Orders, PaymentProvider, Products, Publish, ReleaseOutcome, ReserveOutcome, Stock, Update,
+    Updated,
 };
 use crate::saga::Requires;
 
@@ -36,6 +37,10 @@ struct Tables {
     orders: BTreeMap<String, Order>,
     products: BTreeMap<String, Product>,
     records: HashMap<String, IdempotencyRecord>,
+    movements: Vec<StockMovement>,
+    /// Adjustments still to be raced: each of the next ones finds one unit taken by an order
+    /// between its read and its write.
+    raced_adjustments: usize,
 }
 
 fn failed(op: &'static str, message: impl Into<String>) -> StoreError {
@@ -60,8 +65,34 @@ impl MemoryStore {
                 name: id.into(),
                 price_cents,
                 quantity,
+                reserved: 0,
+                version: 1,
             },
         );
+    }
+
+    pub fn reserved(&self, product_id: &str) -> Option<u64> {
+        self.tables().products.get(product_id).map(|p| p.reserved)
+    }
+
+    pub fn product(&self, product_id: &str) -> Option<Product> {
+        self.tables().products.get(product_id).cloned()
+    }
+
+    /// The stock movements of a product, oldest first.
+    pub fn movements(&self, product_id: &str) -> Vec<StockMovement> {
+        let mut movements: Vec<StockMovement> = (self.tables().movements.iter())
+            .filter(|m| m.product_id == product_id)
+            .cloned()
+            .collect();
+        movements.sort_by(|a, b| a.movement_id.cmp(&b.movement_id));
+        movements
+    }
+
+    /// Makes each of the next `n` stock adjustments lose a race: an order takes one unit of
+    /// the product between the adjustment's read and its write.
+    pub fn race_next_adjustments(&self, n: usize) {
+        self.tables().raced_adjustments = n;
     }
 
     pub fn quantity(&self, product_id: &str) -> Option<u64> {
@@ -82,6 +113,11 @@ impl MemoryStore {
 
     pub fn record(&self, key: StepKey<'_>) -> Option<IdempotencyRecord> {
         self.tables().records.get(&key.to_string()).cloned()
+    }
+
+    /// Puts a record as it stands, e.g. as an earlier version wrote it.
+    pub fn insert_record(&self, record: IdempotencyRecord) {
+        self.tables().records.insert(record.id.clone(), record);
     }
 }
 
@@ -163,6 +199,10 @@ impl Orders for MemoryStore {
         if update
             .cutoff_ms
             .is_some_and(|cutoff| order.created_at_ms >= cutoff)
+            || update
+                .customer_id
+                .as_ref()
+                .is_some_and(|c| *c != order.customer_id)
         {
             return Ok(Update::NotApplicable(order.clone()));
         }
@@ -177,10 +217,11 @@ impl Orders for MemoryStore {
         if let Some(id) = &update.payment_id {
             order.payment_id = Some(id.clone());
         }
-        if before.status == OrderStatus::Pending && next.status == OrderStatus::Cancelled {
+        if before.status != OrderStatus::Cancelled && next.status == OrderStatus::Cancelled {
             order.cancel_detail = update.cancel_detail.clone();
             order.cancel_product_id = update.cancel_product_id.clone();
-            order.pending_sweep = None;
+            order.pending_sweep = (next.cancel_reason == Some(CancelReason::CustomerCancelled))
+                .then(|| crate::domain::CANCELLING_SWEEP.to_string());
         }
         order.updated_at = crate::time::rfc3339(now_ms);
         Ok(Update::Applied(order.clone()))
@@ -200,8 +241,36 @@ impl Orders for MemoryStore {
         Ok(Update::Applied(order.clone()))
     }
 
+    async fn compensations_sent(&self, order_id: &str, now_ms: i64) -> Result<Update, StoreError> {
+        let mut t = self.tables();
+        let Some(order) = t.orders.get_mut(order_id) else {
+            return Ok(Update::NotFound);
+        };
+        if order.pending_sweep.as_deref() != Some(crate::domain::CANCELLING_SWEEP) {
+            return Ok(Update::NotApplicable(order.clone()));
+        }
+        order.pending_sweep = None;
+        order.updated_at = crate::time::rfc3339(now_ms);
+        Ok(Update::Applied(order.clone()))
+    }
+
+    async fn cancelling(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.swept(crate::domain::CANCELLING_SWEEP, i64::MAX, limit)
+    }
+
     async fn pending_before(
         &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.swept(crate::domain::PENDING_SWEEP, cutoff_ms, limit)
+    }
+}
+
+impl MemoryStore {
+    fn swept(
+        &self,
+        partition: &str,
         cutoff_ms: i64,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
@@ -209,7 +278,9 @@ impl Orders for MemoryStore {
         let mut pending = t
             .orders
             .values()
-            .filter(|o| o.pending_sweep.is_some() && o.created_at_ms < cutoff_ms)
+            .filter(|o| {
+                o.pending_sweep.as_deref() == Some(partition) && o.created_at_ms < cutoff_ms
+            })
             .collect::<Vec<_>>();
         pending.sort_by_key(|o| o.created_at_ms);
         Ok(pending
@@ -221,11 +292,78 @@ impl Orders for MemoryStore {
 }
 
 impl Products for MemoryStore {
-    async fn put(&self, product: &Product) -> Result<(), StoreError> {
-        self.tables()
-            .products
+    async fn create_product(
+        &self,
+        product: &Product,
+        first: &StockMovement,
+    ) -> Result<Created, StoreError> {
+        let mut t = self.tables();
+        if t.products.contains_key(&product.product_id) {
+            return Ok(Created::Exists);
+        }
+        t.products
             .insert(product.product_id.clone(), product.clone());
-        Ok(())
+        t.movements.push(first.clone());
+        Ok(Created::Created(product.clone()))
+    }
+
+    async fn update(
+        &self,
+        product_id: &str,
+        name: &str,
+        price_cents: u64,
+        expected: Option<&Expected>,
+    ) -> Result<Updated, StoreError> {
+        let mut t = self.tables();
+        let Some(product) = t.products.get_mut(product_id) else {
+            return Ok(Updated::NotFound);
+        };
+        if expected.is_some_and(|e| !e.accepts(product.version)) {
+            return Ok(Updated::VersionMismatch(product.clone()));
+        }
+        product.name = name.into();
+        product.price_cents = price_cents;
+        product.version += 1;
+        Ok(Updated::Updated(product.clone()))
+    }
+
+    async fn adjust(
+        &self,
+        adjustment: &Adjustment<'_>,
+        now_ms: i64,
+    ) -> Result<Adjusted, StoreError> {
+        let mut t = self.tables();
+        let movement = adjustment.movement;
+        if t.raced_adjustments > 0 {
+            t.raced_adjustments -= 1;
+            if let Some(p) = t.products.get_mut(&movement.product_id) {
+                p.quantity = p.quantity.saturating_sub(1);
+                p.reserved += 1;
+            }
+        }
+        if let Some(done) = adjustment.done {
+            if let Some(existing) = t.live_record(&done.key.to_string(), now_ms) {
+                return Ok(Adjusted::KeyTaken(existing.clone()));
+            }
+        }
+        let Some(product) = t.products.get_mut(&movement.product_id) else {
+            return Ok(Adjusted::StockMoved);
+        };
+        // `quantity = :seen AND quantity >= :minusDelta`
+        if product.quantity != adjustment.seen
+            || (movement.delta < 0 && product.quantity < movement.delta.unsigned_abs())
+        {
+            return Ok(Adjusted::StockMoved);
+        }
+        product.quantity = movement.quantity_after;
+        t.movements.push(movement.clone());
+        if let Some(done) = adjustment.done {
+            t.records.insert(
+                done.key.to_string(),
+                IdempotencyRecord::completed(done, now_ms),
+            );
+        }
+        Ok(Adjusted::Applied)
     }
 
     async fn get(&self, product_id: &str) -> Result<Option<Product>, StoreError> {
@@ -268,6 +406,7 @@ impl Stock for MemoryStore {
         for line in lines {
             let product = t.products.get_mut(&line.product_id).expect("checked above");
             product.quantity -= line.quantity;
+            product.reserved += line.quantity;
         }
         t.records
             .insert(key, IdempotencyRecord::completed(done, now_ms));
@@ -278,7 +417,8 @@ impl Stock for MemoryStore {
         &self,
         lines: &[StockLine],
         done: &Completed<'_>,
-        reservation: &Completed<'_>,
+        reservation: StepKey<'_>,
+        fence: Option<&Completed<'_>>,
         now_ms: i64,
     ) -> Result<ReleaseOutcome, StoreError> {
         let mut t = self.tables();
@@ -286,13 +426,21 @@ impl Stock for MemoryStore {
         if let Some(existing) = t.live_record(&key, now_ms) {
             return Ok(ReleaseOutcome::AlreadyDone(existing.clone()));
         }
-        let reserved = t
-            .records
-            .get(&reservation.key.to_string())
-            .is_some_and(|r| r.result.as_deref() == Some(reservation.result));
-        if !reserved {
-            return Ok(ReleaseOutcome::NothingReserved);
-        }
+        let counted = match t.live_record(&reservation.to_string(), now_ms) {
+            None => {
+                let Some(fence) = fence else {
+                    return Ok(ReleaseOutcome::Missing);
+                };
+                t.records.insert(
+                    reservation.to_string(),
+                    IdempotencyRecord::completed(fence, now_ms),
+                );
+                return Ok(ReleaseOutcome::Fenced);
+            }
+            Some(r) if r.outcome == Some(Outcome::Reserved) => true,
+            Some(r) if crate::adapters::stock::legacy_reservation(r) => false,
+            Some(r) => return Ok(ReleaseOutcome::NothingHeld(r.clone())),
+        };
         if let Some(line) = lines
             .iter()
             .find(|l| !t.products.contains_key(&l.product_id))
@@ -305,6 +453,9 @@ impl Stock for MemoryStore {
         for line in lines {
             let product = t.products.get_mut(&line.product_id).expect("checked above");
             product.quantity += line.quantity;
+            if counted {
+                product.reserved = product.reserved.saturating_sub(line.quantity);
+            }
         }
         t.records
             .insert(key, IdempotencyRecord::completed(done, now_ms));
@@ -337,7 +488,20 @@ impl Idempotency for MemoryStore {
         Ok(Claim::Acquired)
     }
 
-    async fn complete(&self, key: StepKey<'_>, result: &str) -> Result<(), StoreError> {
+    async fn get(
+        &self,
+        key: StepKey<'_>,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Ok(self.tables().live_record(&key.to_string(), now_ms).cloned())
+    }
+
+    async fn complete(
+        &self,
+        key: StepKey<'_>,
+        result: &str,
+        outcome: Option<Outcome>,
+    ) -> Result<(), StoreError> {
         let mut t = self.tables();
         let record = t
             .records
@@ -345,6 +509,7 @@ impl Idempotency for MemoryStore {
             .ok_or_else(|| failed("complete", "no such record"))?;
         record.status = Status::Completed;
         record.result = Some(result.into());
+        record.outcome = outcome;
         record.in_progress_until_ms = None;
         Ok(())
     }

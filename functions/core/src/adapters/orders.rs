@@ -73,12 +73,17 @@ impl Expr {
     /// The condition for a state the saga requires ([`Requires`]).
     fn requires(&mut self, r: Requires) -> &mut Self {
         match r {
-            Requires::Stock(from) => self
-                .when("stockStatus = :from")
-                .value(":from", to_value(&from)),
-            Requires::Payment(from) => self
-                .when("paymentStatus = :from")
-                .value(":from", to_value(&from)),
+            Requires::Stock(states) => {
+                let names = self.list(":stock", states);
+                self.when(format!("stockStatus IN ({names})"))
+            }
+            Requires::Payment(states) => {
+                let names = self.list(":payment", states);
+                self.when(format!("paymentStatus IN ({names})"))
+            }
+            Requires::NotCancelled => self
+                .when("#status <> :cancelled")
+                .value(":cancelled", to_value(&OrderStatus::Cancelled)),
             Requires::PendingIncomplete | Requires::PendingComplete => {
                 self.when("#status = :pending")
                     .value(":pending", to_value(&OrderStatus::Pending))
@@ -94,6 +99,15 @@ impl Expr {
         }
     }
 
+    /// Values `{prefix}0`, `{prefix}1`, ... for `states`; their names, comma-separated.
+    fn list<T: serde::Serialize>(&mut self, prefix: &str, states: &[T]) -> String {
+        let names: Vec<String> = (0..states.len()).map(|i| format!("{prefix}{i}")).collect();
+        for (name, state) in names.iter().zip(states) {
+            self.value(name, to_value(state));
+        }
+        names.join(", ")
+    }
+
     fn sets(&mut self, step: Step) -> &mut Self {
         match step {
             Step::Stock(to) => self.set("stockStatus = :to").value(":to", to_value(&to)),
@@ -101,8 +115,26 @@ impl Expr {
         }
     }
 
-    /// Cancels the order, if it is still pending, and takes it out of the sweeper's index.
+    /// Cancels the order if it is still pending (or, for a customer's cancellation, confirmed)
+    /// and takes it out of the sweeper's pending partition. A customer's cancellation puts it
+    /// in the cancelling partition instead, until the coordinator has sent its compensations.
     fn cancel(&mut self, reason: CancelReason, detail: Option<&str>, product: Option<&str>) {
+        if reason == CancelReason::CustomerCancelled {
+            self.set("#status = :cancelled")
+                .set("cancelReason = :reason")
+                .set("pendingSweep = :cancelling")
+                .value(":cancelled", to_value(&OrderStatus::Cancelled))
+                .value(":reason", to_value(&reason))
+                .value(":cancelling", s(crate::domain::CANCELLING_SWEEP));
+            if let Some(detail) = detail {
+                self.set("cancelDetail = :detail")
+                    .value(":detail", s(detail));
+            }
+            self.when("#status IN (:pending, :confirmed)")
+                .value(":pending", to_value(&OrderStatus::Pending))
+                .value(":confirmed", to_value(&OrderStatus::Confirmed));
+            return;
+        }
         self.set("#status = :cancelled")
             .set("cancelReason = :reason")
             .value(":cancelled", to_value(&OrderStatus::Cancelled))
@@ -319,6 +351,10 @@ impl Orders for DynamoOrders {
             e.when("createdAtMs < :cutoff")
                 .value(":cutoff", dynamo::n(cutoff));
         }
+        if let Some(customer) = &update.customer_id {
+            e.when("customerId = :customer")
+                .value(":customer", s(customer));
+        }
         let Some(reason) = t.cancels else {
             return self.update(order_id, e, "apply_fact").await;
         };
@@ -349,14 +385,45 @@ impl Orders for DynamoOrders {
         self.update(order_id, e, "confirm_order").await
     }
 
+    async fn compensations_sent(&self, order_id: &str, now_ms: i64) -> Result<Update, StoreError> {
+        let mut e = Expr::new(now_ms);
+        e.remove.push("pendingSweep");
+        e.when("pendingSweep = :cancelling")
+            .value(":cancelling", s(crate::domain::CANCELLING_SWEEP));
+        self.update(order_id, e, "compensations_sent").await
+    }
+
     async fn pending_before(
         &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.swept(crate::domain::PENDING_SWEEP, cutoff_ms, limit)
+            .await
+    }
+
+    async fn cancelling(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.swept(crate::domain::CANCELLING_SWEEP, i64::MAX, limit)
+            .await
+    }
+}
+
+impl DynamoOrders {
+    /// Ids of the orders in one partition of the sweeper's sparse index, created before
+    /// `cutoff_ms`, oldest first; at most `limit`.
+    async fn swept(
+        &self,
+        partition: &str,
         cutoff_ms: i64,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
         let index = self.pending_index.as_deref().ok_or(StoreError::Corrupt(
             "the orders adapter has no pending-orders index".into(),
         ))?;
+        if limit == 0 {
+            // A query's Limit must be at least 1.
+            return Ok(Vec::new());
+        }
         let mut ids = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -365,14 +432,14 @@ impl Orders for DynamoOrders {
                 .query()
                 .table_name(&self.table)
                 .index_name(index)
-                .key_condition_expression("pendingSweep = :pending AND createdAtMs < :cutoff")
-                .expression_attribute_values(":pending", s(crate::domain::PENDING_SWEEP))
+                .key_condition_expression("pendingSweep = :partition AND createdAtMs < :cutoff")
+                .expression_attribute_values(":partition", s(partition))
                 .expression_attribute_values(":cutoff", dynamo::n(cutoff_ms))
                 .set_exclusive_start_key(start.take())
                 .limit((limit - ids.len()).min(1000) as i32)
                 .send()
                 .await
-                .map_err(|e| StoreError::sdk("query_pending", e.into_service_error()))?;
+                .map_err(|e| StoreError::sdk("query_swept", e.into_service_error()))?;
             for item in out.items.unwrap_or_default() {
                 ids.push(dynamo::from_item::<OrderKey>(item)?.order_id);
             }

@@ -6,8 +6,15 @@
 //!   the order (see [`ApiHandler::place_order`]).
 //! - `GET /orders`: the caller's own orders, newest first, paged (`?limit=`, `nextToken`).
 //! - `GET /orders/{orderId}`: the caller's order (any order for an operator); 404 otherwise.
-//! - `PUT /products/{productId}`: operators only (403 for anyone else).
-//! - `GET /products/{productId}`: public (the template routes it without the authorizer).
+//! - `PUT /products/{productId}`: operators only (403 for anyone else). Creates a product with
+//!   its initial stock, or changes an existing one's name and price (never its stock; a
+//!   `quantity` for an existing product is a 409). `If-Match` makes the change conditional on
+//!   the product's `ETag` (412 when it no longer matches).
+//! - `GET /products/{productId}`: public (the template routes it without the authorizer), with
+//!   the product's `ETag` (of its catalogue fields: stock changes leave it alone).
+//! - `POST /products/{productId}/stock-adjustments`: operators only; the one way stock changes
+//!   outside the saga, each change recorded as a stock movement (see
+//!   [`ApiHandler::adjust_stock`]).
 //!
 //! Who calls comes from the claims API Gateway's JWT authorizer verified
 //! ([`crate::identity`]): the customer of an order is the token's `sub`, never the body.
@@ -25,13 +32,21 @@ use crate::adapters::products::DynamoProducts;
 use crate::adapters::sqs::SqsPublisher;
 use crate::aws::AwsClients;
 use crate::config::{ConfigError, Lookup, OrderApiConfig};
-use crate::domain::{self, Order, PlaceOrderRequest, Product, PutProductRequest};
+use crate::domain::{
+    self, AdjustStockRequest, Order, PlaceOrderRequest, Product, PutProductRequest, StockMovement,
+};
 use crate::faults::{FaultPoint, Faults};
+use crate::handlers::coordinator::{CUSTOMER_CANCELLED_DETAIL, compensations};
 use crate::idempotency::dynamo::DynamoIdempotency;
 use crate::idempotency::{self, Claim, ClaimRequest, Existing, Idempotency, StepKey};
 use crate::identity::{AccessPolicy, Caller};
 use crate::messages::{PaymentCommand, StockCommand};
-use crate::ports::{CreateError, OrderCursor, Orders, Products, Publish};
+use crate::ports::{
+    Adjusted, Adjustment, CreateError, Created, Expected, OrderCursor, Orders, Products, Publish,
+    Updated,
+};
+use crate::ports::{FactUpdate, Update};
+use crate::saga::Fact;
 
 /// Longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -40,6 +55,11 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub const DEFAULT_PAGE_SIZE: usize = 20;
 /// The largest `?limit=` of `GET /orders`.
 pub const MAX_PAGE_SIZE: usize = 100;
+/// How many times a stock adjustment reads and tries again when the quantity it read moved
+/// before its write (orders reserving, other adjustments), before answering 503.
+pub const ADJUST_ATTEMPTS: u32 = 10;
+/// How many entity tags one `If-Match` may list.
+pub const MAX_IF_MATCH_TAGS: usize = 20;
 
 /// An error answer: status, machine-readable code, human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,10 +105,11 @@ impl ApiError {
 
     pub fn into_response(self) -> Response<Body> {
         let challenge = [(header::WWW_AUTHENTICATE.as_str(), "Bearer".to_string())];
-        let headers: &[(&str, String)] = if self.status == StatusCode::UNAUTHORIZED {
-            &challenge
-        } else {
-            &[]
+        let retry = [(header::RETRY_AFTER.as_str(), "1".to_string())];
+        let headers: &[(&str, String)] = match self.status {
+            StatusCode::UNAUTHORIZED => &challenge,
+            StatusCode::SERVICE_UNAVAILABLE => &retry,
+            _ => &[],
         };
         json_response(
             self.status,
@@ -143,6 +164,8 @@ enum Route {
     GetOrder(String),
     PutProduct(String),
     GetProduct(String),
+    CancelOrder(String),
+    AdjustStock(String),
 }
 
 pub struct ApiHandler<O = DynamoOrders, R = DynamoProducts, I = DynamoIdempotency, P = SqsPublisher>
@@ -162,11 +185,14 @@ impl ApiHandler {
     pub fn new(clients: &AwsClients, config: OrderApiConfig, faults: Faults) -> Self {
         let idempotency =
             DynamoIdempotency::new(clients.dynamodb.clone(), config.idempotency_table);
+        let products = DynamoProducts::new(clients.dynamodb.clone(), config.products_table)
+            .with_movements(config.stock_movements_table)
+            .with_idempotency(idempotency.clone());
         Self::with_ports(
             DynamoOrders::new(clients.dynamodb.clone(), config.orders_table)
                 .with_customer_index(config.customer_index)
                 .with_idempotency(idempotency.clone()),
-            DynamoProducts::new(clients.dynamodb.clone(), config.products_table),
+            products,
             idempotency,
             SqsPublisher::new(clients.sqs.clone()),
             config.stock_queue_url,
@@ -271,26 +297,273 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
                 if !caller.operator {
                     return Err(ApiError::forbidden("only operators may change products"));
                 }
+                let expected = if_match(req.headers())?;
                 let body: PutProductRequest = parse_json(json_body(req)?)?;
                 body.validate()
                     .map_err(|e| ApiError::bad_request("INVALID_REQUEST", e.to_string()))?;
-                let product = Product {
-                    product_id: id,
-                    name: body.name,
-                    price_cents: body.price_cents,
-                    quantity: body.quantity,
-                };
-                self.products.put(&product).await?;
-                Ok(json_response(StatusCode::OK, &json!(product), &[]))
+                self.put_product(&caller, id, body, expected).await
             }
             Route::GetProduct(id) => self.get_product(&id).await,
+            Route::AdjustStock(id) => {
+                if !caller.operator {
+                    return Err(ApiError::forbidden("only operators may adjust stock"));
+                }
+                let body: AdjustStockRequest = parse_json(json_body(req)?)?;
+                body.validate()
+                    .map_err(|e| ApiError::bad_request("INVALID_REQUEST", e.to_string()))?;
+                let key = idempotency_key(req.headers())?;
+                self.adjust_stock(&caller, &id, &body, key.as_deref()).await
+            }
+            Route::CancelOrder(id) => self.cancel_order(&caller, &id).await,
         }
+    }
+
+    /// `POST /orders/{orderId}/cancel`: the order's customer (or an operator) cancels a
+    /// pending or confirmed order. One conditional update cancels it (and names the customer,
+    /// so nobody else's order is touched) and marks it as cancelling in the sweeper's index;
+    /// then the compensations go straight to the stock and payment queues, fencing off the
+    /// steps whose results are not seen yet; then the mark is cleared. A retry of the request
+    /// (or the sweeper, should this invocation die in between) sends them again, which the
+    /// stock and payment functions absorb. Cancelling again answers the same final order.
+    async fn cancel_order(&self, caller: &Caller, id: &str) -> Result<Response<Body>, ApiError> {
+        let now = crate::time::now_ms();
+        let update = FactUpdate {
+            cancel_detail: Some(CUSTOMER_CANCELLED_DETAIL.into()),
+            customer_id: (!caller.operator).then(|| caller.subject.clone()),
+            ..FactUpdate::new(Fact::CustomerCancelled)
+        };
+        let not_found = || ApiError::not_found(format!("order {id} does not exist"));
+        let order = match self.orders.apply(id, &update, now).await? {
+            Update::Applied(order) => {
+                crate::metrics::order_cancelled(domain::CancelReason::CustomerCancelled);
+                tracing::info!(
+                    order_id = id,
+                    operator = caller.operator,
+                    "order cancelled by request"
+                );
+                order
+            }
+            // Someone else's order is answered exactly as one that does not exist.
+            Update::NotApplicable(order)
+                if caller.operator || order.customer_id == caller.subject =>
+            {
+                order
+            }
+            Update::NotApplicable(_) | Update::NotFound => return Err(not_found()),
+        };
+        if order.pending_sweep.as_deref() == Some(domain::CANCELLING_SWEEP) {
+            let (release, refund) =
+                compensations(&order).map_err(|e| ApiError::unavailable(StoreError::Corrupt(e)))?;
+            let (a, b) = tokio::join!(
+                async {
+                    match &release {
+                        Some(c) => self.publisher.send(&self.stock_queue_url, c).await,
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    match &refund {
+                        Some(c) => self.publisher.send(&self.payment_queue_url, c).await,
+                        None => Ok(()),
+                    }
+                }
+            );
+            a?;
+            b?;
+            self.orders.compensations_sent(id, now).await?;
+        }
+        Ok(json_response(StatusCode::OK, &order.view(), &[]))
     }
 
     async fn get_product(&self, id: &str) -> Result<Response<Body>, ApiError> {
         let product = (self.products.get(id).await?)
             .ok_or_else(|| ApiError::not_found(format!("product {id} does not exist")))?;
-        Ok(json_response(StatusCode::OK, &json!(product), &[]))
+        Ok(product_response(StatusCode::OK, &product))
+    }
+
+    /// `PUT /products/{productId}`. With `quantity`: creates the product with that initial
+    /// stock (a put conditional on its absence, in one transaction with its first stock
+    /// movement); 409 if it exists, since stock then changes only through adjustments.
+    /// Without: sets name and price of the existing product and bumps its version (an update
+    /// conditional on its existence, and on `If-Match`), leaving stock alone.
+    async fn put_product(
+        &self,
+        caller: &Caller,
+        id: String,
+        body: PutProductRequest,
+        expected: Option<Expected>,
+    ) -> Result<Response<Body>, ApiError> {
+        if let Some(quantity) = body.quantity {
+            if let Some(expected) = &expected {
+                // Refused either way; which answer depends on the precondition, evaluated first.
+                return Err(match self.products.get(&id).await? {
+                    Some(p) if expected.accepts(p.version) => quantity_not_writable(&id),
+                    _ => precondition_failed(&id),
+                });
+            }
+            let now = crate::time::now_ms();
+            let product = Product {
+                product_id: id.clone(),
+                name: body.name,
+                price_cents: body.price_cents,
+                quantity,
+                reserved: 0,
+                version: 1,
+            };
+            let first = StockMovement {
+                product_id: id.clone(),
+                movement_id: domain::movement_id(now),
+                delta: quantity as i64,
+                reason: domain::INITIAL_STOCK_REASON.into(),
+                actor: caller.subject.clone(),
+                at_ms: now,
+                quantity_after: quantity,
+            };
+            for attempt in 0..ADJUST_ATTEMPTS {
+                if attempt > 0 {
+                    crate::adapters::dynamo::conflict_backoff(attempt).await;
+                }
+                match self.products.create_product(&product, &first).await? {
+                    Created::Created(product) => {
+                        tracing::info!(product_id = %id, quantity, actor = %caller.subject, "product created");
+                        let mut response = product_response(StatusCode::CREATED, &product);
+                        response.headers_mut().insert(
+                            header::LOCATION,
+                            format!("/products/{id}").parse().expect("a valid id"),
+                        );
+                        return Ok(response);
+                    }
+                    Created::Exists => return Err(quantity_not_writable(&id)),
+                    Created::Conflict => continue,
+                }
+            }
+            return Err(contended(&id));
+        }
+        if expected == Some(Expected::Versions(vec![])) {
+            // Only tags this API never gives out: none can match.
+            return Err(precondition_failed(&id));
+        }
+        match (self.products)
+            .update(&id, &body.name, body.price_cents, expected.as_ref())
+            .await?
+        {
+            Updated::Updated(product) => {
+                tracing::info!(product_id = %id, version = product.version, actor = %caller.subject, "product changed");
+                Ok(product_response(StatusCode::OK, &product))
+            }
+            Updated::NotFound if expected.is_some() => Err(precondition_failed(&id)),
+            Updated::NotFound => Err(ApiError::bad_request(
+                "INVALID_REQUEST",
+                format!(
+                    "quantity: product {id} does not exist; its initial stock (quantity) is required to create it"
+                ),
+            )),
+            Updated::VersionMismatch(_) => Err(precondition_failed(&id)),
+        }
+    }
+
+    /// `POST /products/{productId}/stock-adjustments`: adds `delta` units to the product's
+    /// available stock (takes them off when negative), never below zero, and records the
+    /// movement (who, when, why, the quantity after), all in one transaction together with the
+    /// `Idempotency-Key`'s record when there is one.
+    ///
+    /// This path reads the product first, unlike every other write here: the movement must
+    /// hold the exact quantity after it, and `TransactWriteItems` returns no values. So it
+    /// reads the quantity (consistently), writes `quantity = seen + delta` on the condition
+    /// `quantity = seen` (optimistic concurrency), and when an order or another adjustment
+    /// moved the quantity in between, reads again and retries, a bounded number of times with
+    /// the conflict backoff, then answers 503 (retryable; nothing was written).
+    ///
+    /// With an `Idempotency-Key` (scoped to the caller, as on `POST /orders`): the same key and
+    /// body replay the first answer (the same movement, `Idempotent-Replayed: true`), another
+    /// body is a 422. The key's record is read before anything else, so a replay answers as the
+    /// first time even when the stock since then would refuse the adjustment, and it is put in
+    /// the transaction on the condition that the key is free, so two racing duplicates adjust
+    /// once.
+    async fn adjust_stock(
+        &self,
+        caller: &Caller,
+        id: &str,
+        body: &AdjustStockRequest,
+        key: Option<&str>,
+    ) -> Result<Response<Body>, ApiError> {
+        let hash = idempotency::payload_hash(
+            &json!({"productId": id, "delta": body.delta, "reason": body.reason}),
+        );
+        let record_key = key.map(|key| StepKey::Adjust {
+            actor: &caller.subject,
+            key,
+        });
+        if let Some(record_key) = record_key {
+            let now = crate::time::now_ms();
+            if let Some(existing) = self.idempotency.get(record_key, now).await? {
+                return answer_existing(&existing, &hash, now);
+            }
+        }
+        for attempt in 0..ADJUST_ATTEMPTS {
+            if attempt > 0 {
+                crate::adapters::dynamo::conflict_backoff(attempt).await;
+            }
+            let product = (self.products.get(id).await?)
+                .ok_or_else(|| ApiError::not_found(format!("product {id} does not exist")))?;
+            let after = product.quantity as i64 + body.delta;
+            if after < 0 {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "INSUFFICIENT_STOCK",
+                    format!(
+                        "product {id} has {} units available; {} cannot be taken off",
+                        product.quantity,
+                        body.delta.unsigned_abs()
+                    ),
+                ));
+            }
+            if after > domain::MAX_STOCK as i64 {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "STOCK_LIMIT_EXCEEDED",
+                    format!(
+                        "product {id} would have {after} units available; at most {} are allowed",
+                        domain::MAX_STOCK
+                    ),
+                ));
+            }
+            let now = crate::time::now_ms();
+            let movement = StockMovement {
+                product_id: id.to_string(),
+                movement_id: domain::movement_id(now),
+                delta: body.delta,
+                reason: body.reason.clone(),
+                actor: caller.subject.clone(),
+                at_ms: now,
+                quantity_after: after as u64,
+            };
+            let stored =
+                json!({"statusCode": StatusCode::CREATED.as_u16(), "body": movement}).to_string();
+            let done = record_key.map(|key| idempotency::Completed {
+                key,
+                payload_hash: &hash,
+                result: &stored,
+                outcome: None,
+                ttl: idempotency::API_KEY_TTL,
+            });
+            let adjustment = Adjustment {
+                movement: &movement,
+                seen: product.quantity,
+                done: done.as_ref(),
+            };
+            match self.products.adjust(&adjustment, now).await? {
+                Adjusted::Applied => {
+                    tracing::info!(product_id = %id, delta = body.delta, quantity_after = after, actor = %caller.subject, "stock adjusted");
+                    return Ok(json_response(StatusCode::CREATED, &json!(movement), &[]));
+                }
+                Adjusted::KeyTaken(existing) => return answer_existing(&existing, &hash, now),
+                Adjusted::StockMoved | Adjusted::Conflict => {
+                    tracing::info!(product_id = %id, attempt, "stock moved under an adjustment; reading again");
+                }
+            }
+        }
+        Err(contended(id))
     }
 
     /// `GET /orders`: one page of the caller's orders, newest first.
@@ -397,11 +670,7 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
         };
         match existing.classify(&hash, now) {
             Existing::Completed(stored) => replay(&stored),
-            Existing::PayloadMismatch => Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "IDEMPOTENCY_KEY_REUSED",
-                "this Idempotency-Key was already used with a different request body",
-            )),
+            Existing::PayloadMismatch => Err(key_reused()),
             Existing::InProgress => Err(in_progress()),
             Existing::InProgressExpired => {
                 let seen = existing.in_progress_until_ms.unwrap_or_default();
@@ -464,7 +733,7 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
             "body": order.view(),
         });
         self.idempotency
-            .complete(record_key, &stored.to_string())
+            .complete(record_key, &stored.to_string(), None)
             .await?;
         Ok(accepted(order))
     }
@@ -490,6 +759,67 @@ impl<O: Orders, R: Products, I: Idempotency, P: Publish> ApiHandler<O, R, I, P> 
         tracing::info!(order_id = %order.order_id, total_cents = order.total_cents, "order placed");
         Ok(())
     }
+}
+
+/// The answer to a request whose `Idempotency-Key` already has a record: the first answer
+/// replayed, or why not.
+fn answer_existing(
+    existing: &idempotency::IdempotencyRecord,
+    hash: &str,
+    now: i64,
+) -> Result<Response<Body>, ApiError> {
+    match existing.classify(hash, now) {
+        Existing::Completed(stored) => replay(&stored),
+        Existing::PayloadMismatch => Err(key_reused()),
+        Existing::InProgress | Existing::InProgressExpired => Err(in_progress()),
+    }
+}
+
+fn key_reused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "IDEMPOTENCY_KEY_REUSED",
+        "this Idempotency-Key was already used with a different request body",
+    )
+}
+
+/// A product with its `ETag`.
+fn product_response(status: StatusCode, product: &Product) -> Response<Body> {
+    json_response(
+        status,
+        &json!(product),
+        &[(header::ETAG.as_str(), product.etag())],
+    )
+}
+
+fn quantity_not_writable(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "QUANTITY_NOT_WRITABLE",
+        format!(
+            "product {id} exists: its stock changes only through POST /products/{id}/stock-adjustments; send name and priceCents without quantity to change the rest"
+        ),
+    )
+}
+
+fn precondition_failed(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "PRECONDITION_FAILED",
+        format!(
+            "If-Match does not match product {id} as it is now (or it does not exist); GET it for its current ETag"
+        ),
+    )
+}
+
+fn contended(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "CONCURRENT_UPDATE",
+        format!(
+            "product {id} kept changing while this request was written; nothing was changed: retry (with the same Idempotency-Key to be safe)"
+        ),
+    )
 }
 
 fn in_progress() -> ApiError {
@@ -520,25 +850,23 @@ fn replay(stored: &str) -> Result<Response<Body>, ApiError> {
         .as_u64()
         .and_then(|s| StatusCode::from_u16(s as u16).ok())
         .unwrap_or(StatusCode::ACCEPTED);
-    let order_id = stored["orderId"].as_str().unwrap_or_default();
-    Ok(json_response(
-        status,
-        &stored["body"],
-        &[
-            (header::LOCATION.as_str(), format!("/orders/{order_id}")),
-            ("idempotent-replayed", "true".into()),
-        ],
-    ))
+    let mut headers = vec![("idempotent-replayed", "true".to_string())];
+    if let Some(order_id) = stored["orderId"].as_str() {
+        headers.push((header::LOCATION.as_str(), format!("/orders/{order_id}")));
+    }
+    Ok(json_response(status, &stored["body"], &headers))
 }
 
 /// The routes this function serves, as API Gateway route keys (`template.yaml` declares the
 /// same ones on the function's `HttpApi` events).
-pub const ROUTES: [&str; 5] = [
+pub const ROUTES: [&str; 7] = [
     "POST /orders",
     "GET /orders",
     "GET /orders/{orderId}",
     "PUT /products/{productId}",
     "GET /products/{productId}",
+    "POST /products/{productId}/stock-adjustments",
+    "POST /orders/{orderId}/cancel",
 ];
 
 /// The routes that need no token: reading the catalogue (shoppers browse before they sign
@@ -565,6 +893,8 @@ fn route(req: &Request) -> Result<Route, ApiError> {
         Some(2) => id("orderId").map(Route::GetOrder),
         Some(3) => id("productId").map(Route::PutProduct),
         Some(4) => id("productId").map(Route::GetProduct),
+        Some(5) => id("productId").map(Route::AdjustStock),
+        Some(6) => id("orderId").map(Route::CancelOrder),
         _ => Err(ApiError::not_found(
             format!(
                 "no route for {} {} {route_key}",
@@ -669,6 +999,74 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
                 Category::Data => ApiError::bad_request("INVALID_REQUEST", e.to_string()),
             }
         })
+}
+
+/// `If-Match`: `None` without the header; `Any` for `*`; otherwise the versions of the
+/// entity tags this API gives out (`"v{version}"`) among those listed. A weak tag never
+/// matches (If-Match compares strongly), nor does another strong tag, so such a list may
+/// leave no version at all. A header that is not a list of entity tags is a 400.
+fn if_match(headers: &HeaderMap) -> Result<Option<Expected>, ApiError> {
+    let values: Vec<_> = headers.get_all(header::IF_MATCH).iter().collect();
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || {
+        ApiError::bad_request(
+            "INVALID_IF_MATCH",
+            format!(
+                "If-Match must be * or 1 to {MAX_IF_MATCH_TAGS} entity tags such as \"v3\" (the ETag of GET /products/{{productId}})"
+            ),
+        )
+    };
+    let mut text = String::new();
+    for value in values {
+        let value = value.to_str().map_err(|_| invalid())?;
+        if !text.is_empty() {
+            text.push(',');
+        }
+        text.push_str(value);
+    }
+    if text.trim() == "*" {
+        return Ok(Some(Expected::Any));
+    }
+    let mut versions = Vec::new();
+    let mut tags = 0;
+    let mut rest = text.as_str();
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            break;
+        }
+        let (weak, after) = match rest.strip_prefix("W/") {
+            Some(after) => (true, after),
+            None => (false, rest),
+        };
+        let opaque = after.strip_prefix('"').ok_or_else(invalid)?;
+        let end = opaque.find('"').ok_or_else(invalid)?;
+        let tag = &opaque[..end];
+        if !tag.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b)) {
+            return Err(invalid());
+        }
+        tags += 1;
+        if tags > MAX_IF_MATCH_TAGS {
+            return Err(invalid());
+        }
+        let version = tag
+            .strip_prefix('v')
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (false, Some(version)) = (weak, version) {
+            versions.push(version);
+        }
+        rest = opaque[end + 1..].trim_start_matches([' ', '\t']);
+        if !(rest.is_empty() || rest.starts_with(',')) {
+            return Err(invalid());
+        }
+    }
+    if tags == 0 {
+        return Err(invalid());
+    }
+    Ok(Some(Expected::Versions(versions)))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -975,20 +1373,372 @@ mod tests {
             assert!(queues.sent("stock").is_empty());
         }
 
+        fn with_header(mut req: Request, name: &'static str, value: &str) -> Request {
+            req.headers_mut().append(name, value.parse().unwrap());
+            req
+        }
+
+        fn adjust(id: &str, caller: &str, body: Value, key: Option<&str>) -> Request {
+            let mut req = request(
+                "POST /products/{productId}/stock-adjustments",
+                &[("productId", id)],
+            );
+            *req.body_mut() = Body::Text(body.to_string());
+            if let Some(key) = key {
+                req = with_header(req, IDEMPOTENCY_KEY_HEADER, key);
+            }
+            signed_in(req, caller, &["operators"])
+        }
+
+        fn get_product(id: &str) -> Request {
+            request("GET /products/{productId}", &[("productId", id)])
+        }
+
+        const OPS: &[&str] = &["operators"];
+
         #[tokio::test]
-        async fn when_an_operator_puts_a_product_should_store_it() {
+        async fn when_an_operator_creates_a_product_should_store_its_stock_and_first_movement() {
             let (h, store, _) = handler();
             let mug = json!({"name": "Mug", "priceCents": 900, "quantity": 7});
-            let (status, body, _) = call(&h, put_product("p-2", "op-1", &["operators"], mug)).await;
-            assert_eq!(status, StatusCode::OK);
-            assert_eq!(body["productId"], "p-2");
+            let (status, body, headers) = call(&h, put_product("p-2", "op-1", OPS, mug)).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            assert_eq!(
+                body,
+                json!({"productId": "p-2", "name": "Mug", "priceCents": 900, "quantity": 7, "reserved": 0, "version": 1})
+            );
+            assert_eq!(headers[header::ETAG], "\"v1\"");
+            assert_eq!(headers[header::LOCATION], "/products/p-2");
             assert_eq!(store.quantity("p-2"), Some(7));
-            let (_, got, _) = call(
+            let movements = store.movements("p-2");
+            assert_eq!(movements.len(), 1, "{movements:?}");
+            let first = &movements[0];
+            assert_eq!(
+                (first.delta, first.quantity_after, first.actor.as_str()),
+                (7, 7, "op-1")
+            );
+            assert_eq!(first.reason, domain::INITIAL_STOCK_REASON);
+            let (status, got, got_headers) = call(&h, get_product("p-2")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(got, body);
+            assert_eq!(got_headers[header::ETAG], "\"v1\"");
+        }
+
+        #[tokio::test]
+        async fn when_a_product_is_changed_should_leave_its_stock_alone_and_refuse_a_quantity() {
+            let (h, store, _) = handler();
+            let before = store.product("p-1").unwrap();
+            // An order reserves two units after the operator read the product.
+            use crate::ports::Stock;
+            let done = idempotency::Completed {
+                key: StepKey::Reserve("o-1"),
+                payload_hash: "h",
+                result: "{}",
+                outcome: Some(idempotency::Outcome::Reserved),
+                ttl: idempotency::STEP_RECORD_TTL,
+            };
+            let line = domain::StockLine {
+                product_id: "p-1".into(),
+                quantity: 2,
+            };
+            store.reserve(&[line], &done, 0).await.unwrap();
+            let cheaper = json!({"name": "Mug", "priceCents": 200});
+            let (status, body, headers) = call(&h, put_product("p-1", "op-1", OPS, cheaper)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body["priceCents"], 200);
+            assert_eq!(
+                body["quantity"],
+                before.quantity - 2,
+                "the reservation stands"
+            );
+            assert_eq!(body["version"], before.version + 1);
+            assert_eq!(
+                headers[header::ETAG],
+                format!("\"v{}\"", before.version + 1)
+            );
+            let after = store.product("p-1").unwrap();
+            assert_eq!(after.quantity, before.quantity - 2);
+            // A quantity on an existing product: 409, nothing changed.
+            let restock = json!({"name": "Mug", "priceCents": 300, "quantity": 15});
+            let (status, body, _) = call(&h, put_product("p-1", "op-1", OPS, restock)).await;
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(body["error"]["code"], "QUANTITY_NOT_WRITABLE");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("stock-adjustments"),
+                "{body}"
+            );
+            assert_eq!(store.product("p-1").unwrap(), after);
+            assert!(store.movements("p-1").is_empty());
+            // No quantity for a product that does not exist: 400, nothing created.
+            let (status, body, _) = call(
                 &h,
-                request("GET /products/{productId}", &[("productId", "p-2")]),
+                put_product("p-new", "op-1", OPS, json!({"name": "N", "priceCents": 1})),
             )
             .await;
-            assert_eq!(got, body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(body["error"]["code"], "INVALID_REQUEST");
+            assert_eq!(store.product("p-new"), None);
+        }
+
+        #[tokio::test]
+        async fn when_if_match_is_stale_should_answer_412_and_change_nothing() {
+            let (h, store, _) = handler();
+            let (_, _, headers) = call(&h, get_product("p-1")).await;
+            let etag = headers[header::ETAG].to_str().unwrap().to_string();
+            let body = |price: u64| json!({"name": "Mug", "priceCents": price});
+            let put = |price, if_match: &str| {
+                with_header(
+                    put_product("p-1", "op-1", OPS, body(price)),
+                    "if-match",
+                    if_match,
+                )
+            };
+            let (status, changed, headers) = call(&h, put(300, &etag)).await;
+            assert_eq!(status, StatusCode::OK, "{changed}");
+            let new_etag = headers[header::ETAG].to_str().unwrap().to_string();
+            assert_ne!(new_etag, etag);
+            // The first ETag is stale now; weak tags and strangers' tags never match.
+            for stale in [etag.as_str(), "W/\"v2\"", "\"abc\"", "\"v99\", \"v98\""] {
+                let (status, body, _) = call(&h, put(400, stale)).await;
+                assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{stale}: {body}");
+                assert_eq!(body["error"]["code"], "PRECONDITION_FAILED");
+                assert_eq!(store.product("p-1").unwrap().price_cents, 300, "{stale}");
+            }
+            // A quantity with If-Match: the precondition first, then the quantity.
+            let restock = json!({"name": "Mug", "priceCents": 1, "quantity": 9});
+            let with_quantity = |if_match: &str| {
+                with_header(
+                    put_product("p-1", "op-1", OPS, restock.clone()),
+                    "if-match",
+                    if_match,
+                )
+            };
+            let (status, _, _) = call(&h, with_quantity(&etag)).await;
+            assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+            let (status, refused, _) = call(&h, with_quantity(&new_etag)).await;
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(refused["error"]["code"], "QUANTITY_NOT_WRITABLE");
+            // If-Match on a product that does not exist: 412, and nothing is created.
+            for if_match in ["*", "\"v1\""] {
+                for body in [body(1), restock.clone()] {
+                    let req = with_header(
+                        put_product("p-none", "op-1", OPS, body),
+                        "if-match",
+                        if_match,
+                    );
+                    let (status, _, _) = call(&h, req).await;
+                    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{if_match}");
+                }
+            }
+            assert_eq!(store.product("p-none"), None);
+            // Malformed: 400.
+            for bad in ["v2", "\"v2", "\"v2\" x", "", ",", "\"a b\""] {
+                let (status, body, _) = call(&h, put(500, bad)).await;
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+                assert_eq!(body["error"]["code"], "INVALID_IF_MATCH");
+            }
+            // `*` and a list holding the current tag match.
+            let (status, _, _) = call(&h, put(600, &format!("\"v9\", {new_etag}"))).await;
+            assert_eq!(status, StatusCode::OK);
+            let (status, _, headers) = call(&h, put(700, "*")).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[header::ETAG], "\"v4\"");
+            assert_eq!(store.product("p-1").unwrap().quantity, 5, "stock untouched");
+        }
+
+        #[tokio::test]
+        async fn when_stock_is_adjusted_should_change_it_and_record_the_movement() {
+            let (h, store, _) = handler();
+            let (_, _, headers) = call(&h, get_product("p-1")).await;
+            let etag = headers[header::ETAG].clone();
+            let (status, movement, _) = call(
+                &h,
+                adjust(
+                    "p-1",
+                    "op-1",
+                    json!({"delta": 5, "reason": "restock"}),
+                    None,
+                ),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{movement}");
+            assert_eq!(movement["productId"], "p-1");
+            assert_eq!(movement["delta"], 5);
+            assert_eq!(movement["reason"], "restock");
+            assert_eq!(movement["actor"], "op-1");
+            assert_eq!(movement["quantityAfter"], 10);
+            assert!(movement["atMs"].as_i64().unwrap() > 0);
+            assert_eq!(store.quantity("p-1"), Some(10));
+            let recorded = store.movements("p-1");
+            assert_eq!(recorded.len(), 1);
+            assert_eq!(json!(recorded[0]), movement);
+            // The ETag covers the catalogue fields only: stock changes leave it.
+            let (_, product, headers) = call(&h, get_product("p-1")).await;
+            assert_eq!(headers[header::ETAG], etag);
+            assert_eq!(product["quantity"], 10);
+
+            let (status, taken, _) = call(
+                &h,
+                adjust(
+                    "p-1",
+                    "op-2",
+                    json!({"delta": -10, "reason": "broken"}),
+                    None,
+                ),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED);
+            assert_eq!(taken["quantityAfter"], 0);
+            // Below zero: 409, nothing changed.
+            let (status, body, _) = call(
+                &h,
+                adjust("p-1", "op-1", json!({"delta": -1, "reason": "lost"}), None),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(body["error"]["code"], "INSUFFICIENT_STOCK");
+            assert_eq!(store.quantity("p-1"), Some(0));
+            assert_eq!(store.movements("p-1").len(), 2);
+            // Above the largest stock: 409 too.
+            store.add_product("p-full", 1, domain::MAX_STOCK);
+            let (status, body, _) = call(
+                &h,
+                adjust(
+                    "p-full",
+                    "op-1",
+                    json!({"delta": 1, "reason": "more"}),
+                    None,
+                ),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(body["error"]["code"], "STOCK_LIMIT_EXCEEDED");
+            // Unknown product: 404; a customer: 403.
+            let (status, _, _) = call(
+                &h,
+                adjust("p-none", "op-1", json!({"delta": 1, "reason": "x"}), None),
+            )
+            .await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+            let mut as_customer = request(
+                "POST /products/{productId}/stock-adjustments",
+                &[("productId", "p-1")],
+            );
+            *as_customer.body_mut() = Body::Text(json!({"delta": 100, "reason": "x"}).to_string());
+            let (status, body, _) = call(&h, signed_in(as_customer, "alice", &[])).await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(body["error"]["code"], "FORBIDDEN");
+            // Bad bodies: 400.
+            for bad in [
+                json!({"delta": 0, "reason": "x"}),
+                json!({"delta": 1.5, "reason": "x"}),
+                json!({"delta": domain::MAX_STOCK + 1, "reason": "x"}),
+                json!({"delta": -(domain::MAX_STOCK as i64) - 1, "reason": "x"}),
+                json!({"delta": 1, "reason": ""}),
+                json!({"delta": 1, "reason": "  "}),
+                json!({"delta": 1, "reason": "a\nb"}),
+                json!({"delta": 1, "reason": "r".repeat(domain::MAX_REASON_LEN + 1)}),
+                json!({"delta": 1}),
+                json!({"reason": "x"}),
+                json!({"delta": 1, "reason": "x", "quantity": 3}),
+            ] {
+                let (status, body, _) = call(&h, adjust("p-1", "op-1", bad.clone(), None)).await;
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+                assert_eq!(body["error"]["code"], "INVALID_REQUEST", "{bad}");
+            }
+            assert_eq!(store.quantity("p-1"), Some(0));
+            assert_eq!(store.movements("p-1").len(), 2);
+        }
+
+        #[tokio::test]
+        async fn when_an_adjustment_key_is_reused_should_replay_it_and_refuse_another_body() {
+            let (h, store, _) = handler();
+            store.add_product("p-2", 100, 5);
+            let take = |delta: i64| json!({"delta": delta, "reason": "sold at the counter"});
+            let (status, first, _) = call(&h, adjust("p-1", "op-1", take(-2), Some("k-1"))).await;
+            assert_eq!(status, StatusCode::CREATED, "{first}");
+            // The stock then falls below what the adjustment takes: the replay still answers
+            // as the first time, and takes nothing.
+            let (status, _, _) = call(&h, adjust("p-1", "op-1", take(-3), None)).await;
+            assert_eq!(status, StatusCode::CREATED);
+            let (status, again, headers) =
+                call(&h, adjust("p-1", "op-1", take(-2), Some("k-1"))).await;
+            assert_eq!(status, StatusCode::CREATED);
+            assert_eq!(again, first);
+            assert_eq!(headers["idempotent-replayed"], "true");
+            assert_eq!(store.quantity("p-1"), Some(0));
+            assert_eq!(store.movements("p-1").len(), 2);
+            // Another body, or the same body on another product: 422.
+            for (id, delta) in [("p-1", -1), ("p-2", -2)] {
+                let (status, body, _) =
+                    call(&h, adjust(id, "op-1", take(delta), Some("k-1"))).await;
+                assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{id}");
+                assert_eq!(body["error"]["code"], "IDEMPOTENCY_KEY_REUSED");
+            }
+            // Another operator's key of the same name is theirs.
+            let (status, theirs, headers) =
+                call(&h, adjust("p-2", "op-2", take(-2), Some("k-1"))).await;
+            assert_eq!(status, StatusCode::CREATED);
+            assert!(!headers.contains_key("idempotent-replayed"));
+            assert_ne!(theirs["movementId"], first["movementId"]);
+            assert_eq!(store.quantity("p-2"), Some(3));
+            let record = store
+                .record(StepKey::Adjust {
+                    actor: "op-1",
+                    key: "k-1",
+                })
+                .unwrap();
+            assert_eq!(record.status, idempotency::Status::Completed);
+            // A malformed key: 400, nothing written.
+            let (status, body, _) = call(&h, adjust("p-2", "op-1", take(1), Some("a b"))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(body["error"]["code"], "INVALID_IDEMPOTENCY_KEY");
+            assert_eq!(store.quantity("p-2"), Some(3));
+        }
+
+        #[tokio::test]
+        async fn when_orders_move_the_stock_under_an_adjustment_should_read_again_and_record_the_exact_quantity()
+         {
+            let (h, store, _) = handler();
+            store.add_product("p-busy", 100, 50);
+            // Three orders each take a unit between the adjustment's read and its write.
+            store.race_next_adjustments(3);
+            let (status, movement, _) = call(
+                &h,
+                adjust(
+                    "p-busy",
+                    "op-1",
+                    json!({"delta": 5, "reason": "restock"}),
+                    None,
+                ),
+            )
+            .await;
+            assert_eq!(status, StatusCode::CREATED, "{movement}");
+            assert_eq!(movement["quantityAfter"], 47 + 5);
+            assert_eq!(store.quantity("p-busy"), Some(52));
+            // Losing every race: 503, retryable, nothing written.
+            store.race_next_adjustments(ADJUST_ATTEMPTS as usize);
+            let response = h
+                .handle(adjust(
+                    "p-busy",
+                    "op-1",
+                    json!({"delta": 5, "reason": "restock"}),
+                    None,
+                ))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+            let body: Value = serde_json::from_slice(response.body().as_ref()).unwrap();
+            assert_eq!(body["error"]["code"], "CONCURRENT_UPDATE");
+            assert_eq!(store.movements("p-busy").len(), 1);
+            assert_eq!(
+                store.quantity("p-busy"),
+                Some(52 - ADJUST_ATTEMPTS as u64),
+                "only the orders took stock"
+            );
         }
 
         #[tokio::test]
@@ -1005,6 +1755,7 @@ mod tests {
                 "GET /orders",
                 "GET /orders/{orderId}",
                 "PUT /products/{productId}",
+                "POST /products/{productId}/stock-adjustments",
             ] {
                 let req = request(route, &[("orderId", "o-1"), ("productId", "p-1")]);
                 let (status, _, _) = call(&h, req).await;

@@ -19,7 +19,10 @@ use crate::domain::Order;
 use crate::faults::{FaultPoint, Faults};
 use crate::messages::{self, PaymentCommand, SagaEvent, StockCommand};
 use crate::ports::{FactUpdate, Orders, Publish, Update};
-use crate::saga::{Fact, follow_ups};
+use crate::saga::{Compensation, Fact, follow_ups};
+
+/// The `cancelDetail` of a customer's cancellation.
+pub const CUSTOMER_CANCELLED_DETAIL: &str = "cancelled at the customer's request";
 
 pub struct CoordinatorHandler<O = DynamoOrders, P = SqsPublisher> {
     orders: O,
@@ -97,6 +100,11 @@ impl<O: Orders, P: Publish> SqsHandler for CoordinatorHandler<O, P> {
         self.faults.hit(FaultPoint::AfterWrite)?;
         self.compensate(&order).await?;
         self.faults.hit(FaultPoint::AfterPublish)?;
+        if order.pending_sweep.as_deref() == Some(crate::domain::CANCELLING_SWEEP) {
+            // The compensations of a customer's cancellation are on their queues: the sweeper
+            // need not hand this order over again.
+            self.orders.compensations_sent(order_id, now).await?;
+        }
         Ok(())
     }
 }
@@ -118,31 +126,19 @@ impl<O: Orders, P: Publish> CoordinatorHandler<O, P> {
         }
     }
 
-    /// Sends the compensations a cancelled order still needs. Repeating them is harmless: the
-    /// stock and payment functions apply each at most once per order.
+    /// Sends the compensations a cancelled order still needs: for a step whose success was
+    /// seen, its undo; for a step whose result was not seen (in flight, in a DLQ, or not run
+    /// yet), an undo that fences the step off if it has not run. Nothing waits for a result.
+    /// Repeating them is harmless: the stock and payment functions apply each at most once
+    /// per order.
     async fn compensate(&self, order: &Order) -> Result<(), RecordError> {
-        let todo = follow_ups(&order.saga_state());
-        if todo.release_stock {
-            tracing::info!(order_id = %order.order_id, "releasing stock of cancelled order");
-            let command = StockCommand::ReleaseStock {
-                order_id: order.order_id.clone(),
-                items: order.stock_lines(),
-            };
+        let (release, refund) = compensations(order).map_err(RecordError::Permanent)?;
+        if let Some(command) = release {
+            tracing::info!(order_id = %order.order_id, ?command, "releasing stock of cancelled order");
             self.publisher.send(&self.stock_queue_url, &command).await?;
         }
-        if todo.refund_payment {
-            let payment_id = order.payment_id.clone().ok_or_else(|| {
-                RecordError::Permanent(format!(
-                    "order {} is charged but has no payment id",
-                    order.order_id
-                ))
-            })?;
-            tracing::info!(order_id = %order.order_id, "refunding payment of cancelled order");
-            let command = PaymentCommand::RefundPayment {
-                order_id: order.order_id.clone(),
-                payment_id,
-                amount_cents: order.total_cents,
-            };
+        if let Some(command) = refund {
+            tracing::info!(order_id = %order.order_id, ?command, "refunding payment of cancelled order");
             self.publisher
                 .send(&self.payment_queue_url, &command)
                 .await?;
@@ -151,12 +147,43 @@ impl<O: Orders, P: Publish> CoordinatorHandler<O, P> {
     }
 }
 
+/// The commands that compensate a cancelled order as it stands ([`follow_ups`]), for whoever
+/// cancelled it: the coordinator, or the API for a customer's cancellation. For a step whose
+/// success was seen, its undo; for a step whose result was not seen (in flight, in a DLQ, or
+/// not run yet), an undo that fences the step off if it has not run, so nothing waits for a
+/// result message. Err when the order is inconsistent (charged without a payment id).
+pub fn compensations(
+    order: &Order,
+) -> Result<(Option<StockCommand>, Option<PaymentCommand>), String> {
+    let todo = follow_ups(&order.saga_state());
+    let release = todo.release_stock.map(|how| StockCommand::ReleaseStock {
+        order_id: order.order_id.clone(),
+        items: order.stock_lines(),
+        fence: how == Compensation::UndoOrFence,
+    });
+    let refund = match todo.refund_payment {
+        None => None,
+        Some(how) => Some(PaymentCommand::RefundPayment {
+            order_id: order.order_id.clone(),
+            payment_id: match how {
+                Compensation::UndoOrFence => None,
+                Compensation::Undo => Some(order.payment_id.clone().ok_or_else(|| {
+                    format!("order {} is charged but has no payment id", order.order_id)
+                })?),
+            },
+            amount_cents: order.total_cents,
+        }),
+    };
+    Ok((release, refund))
+}
+
 /// The reason, if applying `fact` is what cancelled the order.
 fn cancelled_by(fact: &Fact, order: &Order) -> Option<crate::domain::CancelReason> {
     let reason = match fact {
         Fact::StockRejected(reason) => *reason,
         Fact::PaymentDeclined => crate::domain::CancelReason::PaymentDeclined,
         Fact::TimedOut => crate::domain::CancelReason::Timeout,
+        Fact::CustomerCancelled => crate::domain::CancelReason::CustomerCancelled,
         _ => return None,
     };
     (order.status == crate::domain::OrderStatus::Cancelled && order.cancel_reason == Some(reason))
@@ -189,7 +216,16 @@ fn fact_update(event: &SagaEvent) -> FactUpdate {
             cancel_detail: Some(format!("payment declined: {reason}")),
             ..FactUpdate::new(Fact::PaymentDeclined)
         },
-        SagaEvent::PaymentRefunded { .. } => FactUpdate::new(Fact::PaymentRefunded),
+        SagaEvent::PaymentRefunded { payment_id, .. } => FactUpdate {
+            payment_id: Some(payment_id.clone()),
+            ..FactUpdate::new(Fact::PaymentRefunded)
+        },
+        SagaEvent::StockVoided { .. } => FactUpdate::new(Fact::StockVoided),
+        SagaEvent::PaymentVoided { .. } => FactUpdate::new(Fact::PaymentVoided),
+        SagaEvent::OrderCancelled { .. } => FactUpdate {
+            cancel_detail: Some(CUSTOMER_CANCELLED_DETAIL.into()),
+            ..FactUpdate::new(Fact::CustomerCancelled)
+        },
         SagaEvent::OrderTimedOut { cutoff_ms, .. } => FactUpdate {
             cutoff_ms: Some(*cutoff_ms),
             cancel_detail: Some("the order did not complete in time".into()),
@@ -274,7 +310,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn when_a_reservation_arrives_after_a_decline_should_release_it() {
+    async fn when_a_decline_cancels_should_fence_the_unseen_reservation_then_release_it_once_seen()
+    {
         let (h, store, queues) = handler();
         let declined =
             json!({"type": "PaymentDeclined", "orderId": "o-1", "reason": "CARD_DECLINED"});
@@ -287,12 +324,17 @@ mod tests {
             order.cancel_reason,
             Some(crate::domain::CancelReason::PaymentDeclined)
         );
+        // At the decline, the reservation was not seen: release it if it ran, fence it if not.
+        // Once seen, it is released (the stock function does it once, whichever comes first).
         let releases = queues.sent(STOCK);
-        assert_eq!(releases.len(), 1);
         assert_eq!(
-            releases[0],
-            json!({"type": "ReleaseStock", "orderId": "o-1",
-                                        "items": [{"productId": "p-1", "quantity": 2}]})
+            releases,
+            [
+                json!({"type": "ReleaseStock", "orderId": "o-1",
+                       "items": [{"productId": "p-1", "quantity": 2}], "fence": true}),
+                json!({"type": "ReleaseStock", "orderId": "o-1",
+                       "items": [{"productId": "p-1", "quantity": 2}]}),
+            ]
         );
         assert!(queues.sent(PAYMENT).is_empty());
     }

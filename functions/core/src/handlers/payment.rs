@@ -15,7 +15,9 @@ use crate::aws::AwsClients;
 use crate::config::{ConfigError, Lookup, PaymentConfig};
 use crate::faults::{FaultPoint, Faults};
 use crate::idempotency::dynamo::DynamoIdempotency;
-use crate::idempotency::{self, Claim, ClaimRequest, Idempotency, StepKey};
+use crate::idempotency::{
+    self, Claim, ClaimRequest, Completed, Idempotency, Outcome, Status, StepKey,
+};
 use crate::messages::{self, PaymentCommand, SagaEvent};
 use crate::ports::{PaymentProvider, Publish, to_json};
 
@@ -57,13 +59,30 @@ impl Function for PaymentHandler {
 impl<I: Idempotency, V: PaymentProvider, P: Publish> SqsHandler for PaymentHandler<I, V, P> {
     async fn process(&self, record: &SqsMessage, deadline: i64) -> Result<(), RecordError> {
         let command = messages::parse(record.body.as_deref(), "payment", PaymentCommand::order_id)?;
+        let now = crate::time::now_ms();
+        let command = match command {
+            // An order cancelled before its charge was seen: refund the charge if it happened,
+            // fence it off if it has not.
+            PaymentCommand::RefundPayment {
+                order_id,
+                payment_id: None,
+                amount_cents,
+            } => match self.charge_or_fence(&order_id, now).await? {
+                Seen::Charged(payment_id) => PaymentCommand::RefundPayment {
+                    order_id,
+                    payment_id: Some(payment_id),
+                    amount_cents,
+                },
+                Seen::Answer(result) => return self.publish(&result).await,
+            },
+            command => command,
+        };
         let order_id = command.order_id();
-        let key = match &command {
-            PaymentCommand::ChargePayment { .. } => StepKey::Charge(order_id),
-            PaymentCommand::RefundPayment { .. } => StepKey::Refund(order_id),
+        let (key, outcome_of): (_, fn(&SagaEvent) -> Outcome) = match &command {
+            PaymentCommand::ChargePayment { .. } => (StepKey::Charge(order_id), charge_outcome),
+            PaymentCommand::RefundPayment { .. } => (StepKey::Refund(order_id), refund_outcome),
         };
         let hash = idempotency::payload_hash(&command);
-        let now = crate::time::now_ms();
         let claim = ClaimRequest {
             key,
             payload_hash: &hash,
@@ -84,17 +103,35 @@ impl<I: Idempotency, V: PaymentProvider, P: Publish> SqsHandler for PaymentHandl
                         return Err(e);
                     }
                 };
-                self.idempotency.complete(key, &to_json(&result)).await?;
+                (self.idempotency)
+                    .complete(key, &to_json(&result), Some(outcome_of(&result)))
+                    .await?;
                 self.faults.hit(FaultPoint::AfterWrite)?;
                 result
             }
         };
-        self.publisher
-            .send(&self.coordinator_queue_url, &result)
-            .await?;
-        self.faults.hit(FaultPoint::AfterPublish)?;
-        Ok(())
+        self.publish(&result).await
     }
+}
+
+/// What a refund of an order cancelled before its charge was seen finds on the charge's key.
+enum Seen {
+    /// The order was charged: refund this payment.
+    Charged(String),
+    /// Nothing to refund; answer the coordinator with this (the fence's `PaymentVoided`, or
+    /// the charge's own recorded `PaymentDeclined`).
+    Answer(SagaEvent),
+}
+
+fn charge_outcome(result: &SagaEvent) -> Outcome {
+    match result {
+        SagaEvent::PaymentCharged { .. } => Outcome::Charged,
+        _ => Outcome::Declined,
+    }
+}
+
+fn refund_outcome(_: &SagaEvent) -> Outcome {
+    Outcome::Refunded
 }
 
 impl<I: Idempotency, V: PaymentProvider, P: Publish> PaymentHandler<I, V, P> {
@@ -111,6 +148,54 @@ impl<I: Idempotency, V: PaymentProvider, P: Publish> PaymentHandler<I, V, P> {
             publisher,
             coordinator_queue_url,
             faults,
+        }
+    }
+
+    async fn publish(&self, result: &SagaEvent) -> Result<(), RecordError> {
+        self.publisher
+            .send(&self.coordinator_queue_url, result)
+            .await?;
+        self.faults.hit(FaultPoint::AfterPublish)?;
+        Ok(())
+    }
+
+    /// Fences the charge of a cancelled order off unless it already happened: one conditional
+    /// put of a completed `VOIDED` record on `{orderId}#charge`. If the key is taken, its record
+    /// says what became of the charge. A charge still in progress is waited for (the refund is
+    /// retried), since only its end says whether money moved.
+    async fn charge_or_fence(&self, order_id: &str, now: i64) -> Result<Seen, RecordError> {
+        let voided = SagaEvent::PaymentVoided {
+            order_id: order_id.into(),
+        };
+        let voided_json = to_json(&voided);
+        let fence = Completed::fence(StepKey::Charge(order_id), &voided_json);
+        match self.idempotency.put_completed(&fence, now).await? {
+            Claim::Acquired => {
+                crate::metrics::compensation("fence_charge");
+                tracing::info!(
+                    order_id,
+                    "order cancelled before it was charged; the charge is fenced off"
+                );
+                Ok(Seen::Answer(voided))
+            }
+            Claim::Existing(record) => {
+                if let Some(payment_id) = idempotency::charged_payment_id(&record) {
+                    return Ok(Seen::Charged(payment_id));
+                }
+                match (record.status, record.result.as_deref()) {
+                    (Status::Completed, Some(result)) => {
+                        serde_json::from_str(result).map(Seen::Answer).map_err(|e| {
+                            RecordError::Permanent(format!(
+                                "stored result of {} is unreadable: {e}",
+                                record.id
+                            ))
+                        })
+                    }
+                    _ => Err(RecordError::Transient(format!(
+                        "the charge of order {order_id} is in progress; its refund waits for it"
+                    ))),
+                }
+            }
         }
     }
 
@@ -154,6 +239,9 @@ impl<I: Idempotency, V: PaymentProvider, P: Publish> PaymentHandler<I, V, P> {
                 payment_id,
                 amount_cents,
             } => {
+                let payment_id = payment_id.as_ref().ok_or_else(|| {
+                    RecordError::Permanent(format!("order {order_id}: a refund without a charge"))
+                })?;
                 let outcome = self
                     .provider
                     .refund(RefundRequest {
@@ -293,5 +381,85 @@ mod tests {
             ["m0"]
         );
         assert_eq!(provider.refunded().len(), 1);
+    }
+
+    fn refund_unseen(order: &str) -> serde_json::Value {
+        json!({"type": "RefundPayment", "orderId": order, "amountCents": 1200})
+    }
+
+    #[tokio::test]
+    async fn when_a_cancelled_order_was_never_charged_should_fence_so_a_late_charge_charges_nothing()
+     {
+        let (h, store, provider, queues) = handler();
+        for _ in 0..2 {
+            let r = h.handle(sqs_event(&[refund_unseen("o-1")])).await.unwrap();
+            assert!(failed(&r).is_empty());
+        }
+        // The ChargePayment that was still being retried arrives after the cancellation.
+        let r = h
+            .handle(sqs_event(&[charge("o-1", "tok_visa")]))
+            .await
+            .unwrap();
+        assert!(failed(&r).is_empty());
+        assert!(
+            provider.charged().is_empty(),
+            "no charge after the cancellation"
+        );
+        assert!(provider.refunded().is_empty());
+        let types: Vec<_> = queues
+            .sent(COORDINATOR)
+            .iter()
+            .map(|m| m["type"].clone())
+            .collect();
+        assert_eq!(types, ["PaymentVoided", "PaymentVoided", "PaymentVoided"]);
+        assert_eq!(
+            store.record(StepKey::Charge("o-1")).unwrap().outcome,
+            Some(Outcome::Voided)
+        );
+    }
+
+    #[tokio::test]
+    async fn when_a_cancelled_order_was_charged_unseen_should_refund_that_charge_once() {
+        let (h, store, provider, queues) = handler();
+        h.handle(sqs_event(&[charge("o-1", "tok_visa")]))
+            .await
+            .unwrap();
+        let payment_id = queues.sent(COORDINATOR)[0]["paymentId"].clone();
+        assert_eq!(
+            store.record(StepKey::Charge("o-1")).unwrap().outcome,
+            Some(Outcome::Charged)
+        );
+        // The fenced refund (the charge's result not seen), then the plain one (seen later).
+        let seen = json!({"type": "RefundPayment", "orderId": "o-1", "paymentId": payment_id,
+                          "amountCents": 1200});
+        for event in [refund_unseen("o-1"), seen, refund_unseen("o-1")] {
+            let r = h.handle(sqs_event(&[event])).await.unwrap();
+            assert!(failed(&r).is_empty());
+        }
+        assert_eq!(provider.charged().len(), 1);
+        assert_eq!(provider.refunded(), [("o-1#refund".to_string(), 1200)]);
+        let sent = queues.sent(COORDINATOR);
+        assert_eq!(sent.len(), 4);
+        assert!(
+            sent[1..]
+                .iter()
+                .all(|m| m["type"] == "PaymentRefunded" && m["paymentId"] == payment_id)
+        );
+    }
+
+    #[tokio::test]
+    async fn when_a_declined_order_is_refunded_unseen_should_answer_the_decline_and_move_nothing() {
+        let (h, _, provider, queues) = handler();
+        h.handle(sqs_event(&[charge("o-1", "tok_chargeDeclined")]))
+            .await
+            .unwrap();
+        h.handle(sqs_event(&[refund_unseen("o-1")])).await.unwrap();
+        assert!(provider.charged().is_empty() && provider.refunded().is_empty());
+        let types: Vec<_> = queues
+            .sent(COORDINATOR)
+            .iter()
+            .map(|m| m["type"].clone())
+            .collect();
+        assert_eq!(types, ["PaymentDeclined", "PaymentDeclined"]);
     }
 }

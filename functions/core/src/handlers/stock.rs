@@ -11,7 +11,7 @@ use crate::config::{ConfigError, Lookup, StockConfig};
 use crate::domain::StockLine;
 use crate::faults::{FaultPoint, Faults};
 use crate::idempotency::dynamo::DynamoIdempotency;
-use crate::idempotency::{self, Claim, Completed, Idempotency, StepKey};
+use crate::idempotency::{self, Claim, Completed, Idempotency, Outcome, StepKey};
 use crate::messages::{self, SagaEvent, StockCommand, StockRejection};
 use crate::ports::{Publish, ReleaseOutcome, ReserveOutcome, Stock, to_json};
 
@@ -60,12 +60,11 @@ impl<S: Stock, I: Idempotency, P: Publish> SqsHandler for StockHandler<S, I, P> 
             StockCommand::ReserveStock { order_id, items } => {
                 self.reserve(order_id, items, now).await?
             }
-            StockCommand::ReleaseStock { order_id, items } => {
-                match self.release(order_id, items, now).await? {
-                    Some(result) => result,
-                    None => return Ok(()),
-                }
-            }
+            StockCommand::ReleaseStock {
+                order_id,
+                items,
+                fence,
+            } => self.release(order_id, items, *fence, now).await?,
         };
         self.faults.hit(FaultPoint::AfterWrite)?;
         self.publisher
@@ -109,6 +108,7 @@ impl<S: Stock, I: Idempotency, P: Publish> StockHandler<S, I, P> {
             key: StepKey::Reserve(order_id),
             payload_hash: &hash,
             result: &reserved_json,
+            outcome: Some(Outcome::Reserved),
             ttl: idempotency::STEP_RECORD_TTL,
         };
         match self.stock.reserve(items, &done, now).await? {
@@ -134,6 +134,7 @@ impl<S: Stock, I: Idempotency, P: Publish> StockHandler<S, I, P> {
                 let rejected_json = to_json(&rejected);
                 let done = Completed {
                     result: &rejected_json,
+                    outcome: Some(Outcome::Rejected),
                     ..done
                 };
                 match self.idempotency.put_completed(&done, now).await? {
@@ -144,49 +145,73 @@ impl<S: Stock, I: Idempotency, P: Publish> StockHandler<S, I, P> {
         }
     }
 
-    /// `None` when there was no successful reservation to release.
+    /// Gives back the order's reservation; with `fence`, fences off one that has not
+    /// happened. A release that must find a reservation (no fence: the coordinator saw
+    /// `StockReserved`) and finds none is a fault for the DLQ and its alarm.
     async fn release(
         &self,
         order_id: &str,
         items: &[StockLine],
+        fence: bool,
         now: i64,
-    ) -> Result<Option<SagaEvent>, RecordError> {
+    ) -> Result<SagaEvent, RecordError> {
         validate_lines(items)?;
         let hash = idempotency::payload_hash(&items);
         let released = SagaEvent::StockReleased {
             order_id: order_id.into(),
         };
         let released_json = to_json(&released);
-        let reserved_json = to_json(&SagaEvent::StockReserved {
+        let voided = SagaEvent::StockVoided {
             order_id: order_id.into(),
-        });
+        };
+        let voided_json = to_json(&voided);
         let done = Completed {
             key: StepKey::Release(order_id),
             payload_hash: &hash,
             result: &released_json,
+            outcome: Some(Outcome::Released),
             ttl: idempotency::STEP_RECORD_TTL,
         };
-        let reservation = Completed {
-            key: StepKey::Reserve(order_id),
-            result: &reserved_json,
-            ..done.clone()
-        };
-        match self.stock.release(items, &done, &reservation, now).await? {
+        let fence_record = Completed::fence(StepKey::Reserve(order_id), &voided_json);
+        let reservation = StepKey::Reserve(order_id);
+        match (self.stock)
+            .release(
+                items,
+                &done,
+                reservation,
+                fence.then_some(&fence_record),
+                now,
+            )
+            .await?
+        {
             ReleaseOutcome::Released => {
                 crate::metrics::compensation("release");
                 tracing::info!(order_id, "stock released");
-                Ok(Some(released))
+                Ok(released)
             }
-            ReleaseOutcome::AlreadyDone(record) => {
-                Ok(Some(idempotency::replay(&record, &hash, now)?))
-            }
-            ReleaseOutcome::NothingReserved => {
-                tracing::warn!(
+            ReleaseOutcome::AlreadyDone(record) => Ok(idempotency::replay(&record, &hash, now)?),
+            ReleaseOutcome::Fenced => {
+                crate::metrics::compensation("fence_reservation");
+                tracing::info!(
                     order_id,
-                    "release requested but the order holds no reservation; nothing to do"
+                    "order cancelled before its stock was reserved; the reservation is fenced off"
                 );
-                Ok(None)
+                Ok(voided)
             }
+            // A fenced release of an order whose reservation was refused (or fenced before)
+            // answers with that step's own result; nothing was held.
+            ReleaseOutcome::NothingHeld(record) if fence => {
+                Ok(idempotency::replay(&record, &hash, now)?)
+            }
+            ReleaseOutcome::NothingHeld(record) => Err(RecordError::Permanent(format!(
+                "order {order_id}: the coordinator saw its stock reserved, but {} records no \
+                 reservation ({:?})",
+                record.id, record.outcome
+            ))),
+            ReleaseOutcome::Missing => Err(RecordError::Permanent(format!(
+                "order {order_id}: the coordinator saw its stock reserved, but there is no \
+                 reservation record to release"
+            ))),
         }
     }
 }
@@ -225,6 +250,7 @@ mod tests {
     use super::*;
     use crate::adapters::memory::{MemoryQueues, MemoryStore};
     use crate::handlers::testing::{failed, sqs_event};
+    use crate::idempotency::{IdempotencyRecord, Status};
     use serde_json::json;
 
     const COORDINATOR: &str = "coordinator";
@@ -361,6 +387,142 @@ mod tests {
         );
         assert!(failed(&h.handle(sqs_event(&[cmd])).await.unwrap()).is_empty());
         assert_eq!(store.quantity("p-1"), Some(1));
+        assert_eq!(queues.sent(COORDINATOR).len(), 2);
+    }
+
+    fn fenced_release(order: &str, lines: &[(&str, u64)]) -> serde_json::Value {
+        let mut m = release(order, lines);
+        m["fence"] = json!(true);
+        m
+    }
+
+    #[tokio::test]
+    async fn when_reserving_and_releasing_should_move_units_between_quantity_and_reserved() {
+        let (h, store, _) = handler();
+        h.handle(sqs_event(&[reserve("o-1", &[("p-2", 4)])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (store.quantity("p-2"), store.reserved("p-2")),
+            (Some(6), Some(4))
+        );
+        h.handle(sqs_event(&[release("o-1", &[("p-2", 4)])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (store.quantity("p-2"), store.reserved("p-2")),
+            (Some(10), Some(0))
+        );
+        let record = store.record(StepKey::Reserve("o-1")).unwrap();
+        assert_eq!(record.outcome, Some(Outcome::Reserved));
+    }
+
+    #[tokio::test]
+    async fn when_a_cancelled_order_was_never_reserved_should_fence_so_a_late_reserve_holds_nothing()
+     {
+        let (h, store, queues) = handler();
+        for _ in 0..2 {
+            let r = h
+                .handle(sqs_event(&[fenced_release("o-1", &[("p-1", 2)])]))
+                .await
+                .unwrap();
+            assert!(failed(&r).is_empty());
+        }
+        // The ReserveStock that was still in flight arrives: it replays the fence.
+        let r = h
+            .handle(sqs_event(&[reserve("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        assert!(failed(&r).is_empty());
+        assert_eq!(
+            (store.quantity("p-1"), store.reserved("p-1")),
+            (Some(3), Some(0))
+        );
+        let types: Vec<_> = queues
+            .sent(COORDINATOR)
+            .iter()
+            .map(|m| m["type"].clone())
+            .collect();
+        assert_eq!(types, ["StockVoided", "StockVoided", "StockVoided"]);
+    }
+
+    #[tokio::test]
+    async fn when_a_fenced_release_comes_after_the_reservation_should_release_it() {
+        let (h, store, queues) = handler();
+        h.handle(sqs_event(&[reserve("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        h.handle(sqs_event(&[fenced_release("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        // ... and the plain release the coordinator sends once it sees StockReserved.
+        h.handle(sqs_event(&[release("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (store.quantity("p-1"), store.reserved("p-1")),
+            (Some(3), Some(0))
+        );
+        let types: Vec<_> = queues
+            .sent(COORDINATOR)
+            .iter()
+            .map(|m| m["type"].clone())
+            .collect();
+        assert_eq!(types, ["StockReserved", "StockReleased", "StockReleased"]);
+    }
+
+    #[tokio::test]
+    async fn when_a_release_finds_no_reservation_where_one_must_exist_should_fail_loudly() {
+        let (h, store, queues) = handler();
+        let r = h
+            .handle(sqs_event(&[release("o-1", &[("p-1", 2)])]))
+            .await
+            .unwrap();
+        assert_eq!(failed(&r), ["m0"], "for the DLQ and its alarm");
+        // A rejected reservation is no reservation either.
+        h.handle(sqs_event(&[reserve("o-2", &[("p-1", 9)])]))
+            .await
+            .unwrap();
+        let r = h
+            .handle(sqs_event(&[release("o-2", &[("p-1", 9)])]))
+            .await
+            .unwrap();
+        assert_eq!(failed(&r), ["m0"]);
+        assert_eq!(store.quantity("p-1"), Some(3));
+        assert_eq!(queues.sent(COORDINATOR).len(), 1, "only the rejection");
+    }
+
+    #[tokio::test]
+    async fn when_a_reservation_was_recorded_by_the_previous_version_should_still_release_it() {
+        let (h, store, queues) = handler();
+        // What the stock function wrote before outcomes were recorded (and before `reserved`
+        // was counted): the result alone, and quantity already taken.
+        let items = vec![StockLine {
+            product_id: "p-2".into(),
+            quantity: 4,
+        }];
+        store.insert_record(IdempotencyRecord {
+            id: "o-old#reserve".into(),
+            status: Status::Completed,
+            payload_hash: idempotency::payload_hash(&items),
+            in_progress_until_ms: None,
+            expires_at: i64::MAX,
+            result: Some(r#"{"type":"StockReserved","orderId":"o-old"}"#.into()),
+            order_id: None,
+            outcome: None,
+        });
+        store.add_product("p-2", 100, 6);
+        for _ in 0..2 {
+            let r = h
+                .handle(sqs_event(&[release("o-old", &[("p-2", 4)])]))
+                .await
+                .unwrap();
+            assert!(failed(&r).is_empty());
+        }
+        assert_eq!(
+            (store.quantity("p-2"), store.reserved("p-2")),
+            (Some(10), Some(0))
+        );
         assert_eq!(queues.sent(COORDINATOR).len(), 2);
     }
 

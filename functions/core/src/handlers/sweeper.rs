@@ -3,6 +3,10 @@
 //! coordinator as an `OrderTimedOut` event. The coordinator cancels with a conditional update,
 //! so a sweep racing a late confirmation cannot corrupt the order, and compensates whatever
 //! succeeded. If a run dies half way, the next run finds the same orders again.
+//!
+//! It also hands over, as `OrderCancelled`, the orders a customer cancelled whose
+//! compensations may not have been sent (the API died between its write and its messages):
+//! the coordinator sends them and clears the mark.
 
 use lambda_runtime::LambdaEvent;
 use serde_json::{Value, json};
@@ -82,12 +86,19 @@ impl<O: Orders, P: Publish> SweeperHandler<O, P> {
     pub async fn sweep(&self) -> Result<Value, SweepError> {
         let cutoff_ms = crate::time::now_ms() - self.order_timeout.as_millis() as i64;
         let ids = self.orders.pending_before(cutoff_ms, MAX_PER_RUN).await?;
+        let cancelling = self
+            .orders
+            .cancelling(MAX_PER_RUN.saturating_sub(ids.len()))
+            .await?;
         let events = ids
             .iter()
             .map(|id| SagaEvent::OrderTimedOut {
                 order_id: id.clone(),
                 cutoff_ms,
             })
+            .chain(cancelling.iter().map(|id| SagaEvent::OrderCancelled {
+                order_id: id.clone(),
+            }))
             .collect::<Vec<_>>();
         self.publisher
             .send_all(&self.coordinator_queue_url, &events)
@@ -99,7 +110,17 @@ impl<O: Orders, P: Publish> SweeperHandler<O, P> {
                 "pending orders past the timeout handed to the coordinator"
             );
         }
-        Ok(json!({ "timedOut": ids.len(), "cutoffMs": cutoff_ms }))
+        if !cancelling.is_empty() {
+            tracing::warn!(
+                count = cancelling.len(),
+                "cancelled orders whose compensations may not have been sent handed to the coordinator"
+            );
+        }
+        Ok(json!({
+            "timedOut": ids.len(),
+            "cancelling": cancelling.len(),
+            "cutoffMs": cutoff_ms,
+        }))
     }
 }
 

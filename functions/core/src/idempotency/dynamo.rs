@@ -7,7 +7,9 @@ use aws_sdk_dynamodb::types::{
 };
 use std::collections::HashMap;
 
-use super::{Claim, ClaimRequest, Completed, Idempotency, IdempotencyRecord, Status, StepKey};
+use super::{
+    Claim, ClaimRequest, Completed, Idempotency, IdempotencyRecord, Outcome, Status, StepKey,
+};
 use crate::adapters::dynamo::{self, StoreError};
 
 /// The condition every put of a record carries: the key is free (or its record outlived its
@@ -140,19 +142,52 @@ impl Idempotency for DynamoIdempotency {
             .await
     }
 
-    async fn complete(&self, k: StepKey<'_>, result: &str) -> Result<(), StoreError> {
-        self.client
+    async fn get(
+        &self,
+        k: StepKey<'_>,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("id", key(k))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::sdk("get_record", e.into_service_error()))?;
+        let record: Option<IdempotencyRecord> = out.item.map(dynamo::from_item).transpose()?;
+        Ok(record.filter(|r| !r.expired(now_ms)))
+    }
+
+    async fn complete(
+        &self,
+        k: StepKey<'_>,
+        result: &str,
+        outcome: Option<Outcome>,
+    ) -> Result<(), StoreError> {
+        let mut request = self
+            .client
             .update_item()
             .table_name(&self.table)
             .key("id", key(k))
-            .update_expression(
-                "SET #status = :completed, #result = :result REMOVE inProgressUntilMs",
-            )
             .condition_expression("attribute_exists(id)")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#result", "result")
             .expression_attribute_values(":completed", status(Status::Completed))
-            .expression_attribute_values(":result", AttributeValue::S(result.into()))
+            .expression_attribute_values(":result", AttributeValue::S(result.into()));
+        request = match outcome {
+            Some(outcome) => request
+                .update_expression(
+                    "SET #status = :completed, #result = :result, outcome = :outcome \
+                     REMOVE inProgressUntilMs",
+                )
+                .expression_attribute_values(":outcome", dynamo::to_value(&outcome)),
+            None => request.update_expression(
+                "SET #status = :completed, #result = :result REMOVE inProgressUntilMs",
+            ),
+        };
+        request
             .send()
             .await
             .map_err(|e| StoreError::sdk("complete", e.into_service_error()))?;

@@ -53,6 +53,15 @@ pub enum StepKey<'a> {
     /// A client's `Idempotency-Key` on `POST /orders`, scoped to the caller: two customers
     /// who send the same key get two orders.
     Api { customer: &'a str, key: &'a str },
+    /// An operator's `Idempotency-Key` on `POST /products/{productId}/stock-adjustments`,
+    /// scoped to the caller (the product is part of the payload hash, so the same key on
+    /// another product is a reuse).
+    Adjust { actor: &'a str, key: &'a str },
+}
+
+/// `#` and `%` of a caller's id escaped, so that it cannot run into the key after it.
+fn escape_caller(caller: &str) -> String {
+    caller.replace('%', "%25").replace('#', "%23")
 }
 
 impl fmt::Display for StepKey<'_> {
@@ -64,11 +73,8 @@ impl fmt::Display for StepKey<'_> {
             StepKey::Refund(order) => write!(f, "{order}#refund"),
             // The customer id (a token's `sub`) may hold `#`; escaped, it cannot run into the
             // key, so no two (customer, key) pairs share a record.
-            StepKey::Api { customer, key } => write!(
-                f,
-                "api#{}#{key}",
-                customer.replace('%', "%25").replace('#', "%23")
-            ),
+            StepKey::Api { customer, key } => write!(f, "api#{}#{key}", escape_caller(customer)),
+            StepKey::Adjust { actor, key } => write!(f, "adjust#{}#{key}", escape_caller(actor)),
         }
     }
 }
@@ -86,6 +92,32 @@ pub fn payload_hash(payload: &impl Serialize) -> String {
 pub enum Status {
     InProgress,
     Completed,
+}
+
+/// What a saga step came to, recorded explicitly beside its result (attribute `outcome`).
+/// Releases, refunds and fences match on it, never on the serialized result, so a result
+/// that gains a field in a later version still matches; the audit reads it too. Records
+/// written before it existed have no outcome: their result is parsed instead (see the stock
+/// adapter's release and [`charged_payment_id`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Outcome {
+    /// `{orderId}#reserve`: every line was taken from stock.
+    Reserved,
+    /// `{orderId}#reserve`: nothing was taken (a line was short or unknown).
+    Rejected,
+    /// `{orderId}#release`: the reservation was given back.
+    Released,
+    /// `{orderId}#charge`: the provider charged the order.
+    Charged,
+    /// `{orderId}#charge`: the provider declined.
+    Declined,
+    /// `{orderId}#refund`: the charge was refunded.
+    Refunded,
+    /// `{orderId}#reserve` or `#charge`: the order was cancelled before the step ran, and this
+    /// fence answers every later attempt of the step (whatever its payload) with the step's
+    /// `...Voided` result, so that it never takes effect.
+    Voided,
 }
 
 /// A stored idempotency record (one item of the idempotency table, mapped by serde_dynamo).
@@ -106,6 +138,10 @@ pub struct IdempotencyRecord {
     /// The order a record belongs to (API records, whose key is the client's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_id: Option<String>,
+    /// What a completed saga step came to (absent on API records, on claims in progress, and
+    /// on records written before outcomes were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
 }
 
 fn never() -> i64 {
@@ -136,6 +172,7 @@ impl IdempotencyRecord {
             expires_at: expires_at(now_ms, req.ttl),
             result: None,
             order_id: req.order_id.map(Into::into),
+            outcome: None,
         }
     }
 
@@ -149,12 +186,17 @@ impl IdempotencyRecord {
             expires_at: expires_at(now_ms, done.ttl),
             result: Some(done.result.into()),
             order_id: None,
+            outcome: done.outcome,
         }
     }
 
     /// Classifies the record for a new attempt. The payload is checked first, on every path,
     /// including replay.
     pub fn classify(&self, payload_hash: &str, now_ms: i64) -> Existing {
+        // A fence answers every attempt of its step, whatever the payload.
+        if let (Some(Outcome::Voided), Some(result)) = (self.outcome, &self.result) {
+            return Existing::Completed(result.clone());
+        }
         if self.payload_hash != payload_hash {
             return Existing::PayloadMismatch;
         }
@@ -258,7 +300,39 @@ pub struct Completed<'a> {
     pub payload_hash: &'a str,
     /// The step's result (JSON) that a redelivery replays.
     pub result: &'a str,
+    /// What the step came to (`None` for records that are not saga steps: API keys).
+    pub outcome: Option<Outcome>,
     pub ttl: Duration,
+}
+
+impl<'a> Completed<'a> {
+    /// The fence of a step that has not run, for an order that was cancelled: a completed
+    /// record that answers every later attempt with `result` (the step's `...Voided` event).
+    pub fn fence(key: StepKey<'a>, result: &'a str) -> Self {
+        Self {
+            key,
+            payload_hash: "",
+            result,
+            outcome: Some(Outcome::Voided),
+            ttl: STEP_RECORD_TTL,
+        }
+    }
+}
+
+/// The payment id of a charge record that says the order was charged: from its outcome and
+/// result, or, for a record written before outcomes were recorded, from its result alone
+/// (parsed as the `PaymentCharged` event it holds). `None` for a declined or fenced charge,
+/// and for one still in progress.
+pub fn charged_payment_id(record: &IdempotencyRecord) -> Option<String> {
+    if record.status != Status::Completed
+        || !matches!(record.outcome, None | Some(Outcome::Charged))
+    {
+        return None;
+    }
+    match serde_json::from_str(record.result.as_deref()?) {
+        Ok(crate::messages::SagaEvent::PaymentCharged { payment_id, .. }) => Some(payment_id),
+        _ => None,
+    }
 }
 
 /// The idempotency port: claims and records of steps with an outside effect.
@@ -277,11 +351,20 @@ pub trait Idempotency: Send + Sync {
         now_ms: i64,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
 
-    /// Marks a claimed key completed with the result to replay.
+    /// The key's record, if there is one that has not outlived its TTL (a consistent read).
+    fn get(
+        &self,
+        key: StepKey<'_>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Option<IdempotencyRecord>, StoreError>> + Send;
+
+    /// Marks a claimed key completed with the result to replay, and what the step came to
+    /// (`None` for API records).
     fn complete(
         &self,
         key: StepKey<'_>,
         result: &str,
+        outcome: Option<Outcome>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Takes over a key whose holder is past its deadline: succeeds for exactly one of several
@@ -322,7 +405,46 @@ mod tests {
             expires_at: i64::MAX,
             result: result.map(Into::into),
             order_id: None,
+            outcome: None,
         }
+    }
+
+    #[test]
+    fn when_a_step_is_fenced_should_answer_every_attempt_with_the_fence() {
+        let fence = IdempotencyRecord::completed(
+            &Completed::fence(
+                StepKey::Charge("o"),
+                r#"{"type":"PaymentVoided","orderId":"o"}"#,
+            ),
+            0,
+        );
+        assert_eq!(fence.outcome, Some(Outcome::Voided));
+        assert_eq!(
+            fence.classify("any payload's hash", 0),
+            Existing::Completed(r#"{"type":"PaymentVoided","orderId":"o"}"#.into())
+        );
+        assert_eq!(charged_payment_id(&fence), None);
+    }
+
+    #[test]
+    fn when_a_charge_record_says_charged_should_give_its_payment_id_whatever_its_version() {
+        let charged = r#"{"type":"PaymentCharged","orderId":"o","paymentId":"ch_1"}"#;
+        // Written before outcomes were recorded: the result alone says it.
+        let legacy = record(Status::Completed, "h", None, Some(charged));
+        assert_eq!(charged_payment_id(&legacy).as_deref(), Some("ch_1"));
+        let current = IdempotencyRecord {
+            outcome: Some(Outcome::Charged),
+            ..legacy.clone()
+        };
+        assert_eq!(charged_payment_id(&current).as_deref(), Some("ch_1"));
+        let declined = IdempotencyRecord {
+            outcome: Some(Outcome::Declined),
+            result: Some(r#"{"type":"PaymentDeclined","orderId":"o","reason":"x"}"#.into()),
+            ..legacy.clone()
+        };
+        assert_eq!(charged_payment_id(&declined), None);
+        let in_progress = record(Status::InProgress, "h", Some(1), None);
+        assert_eq!(charged_payment_id(&in_progress), None);
     }
 
     #[test]
@@ -358,6 +480,11 @@ mod tests {
         // However the parts are cut, two different pairs never give one record id.
         assert_ne!(api("a#b", "c"), api("a", "b#c"));
         assert_ne!(api("a%23b", "c"), api("a#b", "c"));
+        let adjust = |actor, key| StepKey::Adjust { actor, key }.to_string();
+        assert_eq!(adjust("op-1", "k"), "adjust#op-1#k");
+        assert_ne!(adjust("a#b", "c"), adjust("a", "b#c"));
+        assert_ne!(adjust("a%23b", "c"), adjust("a#b", "c"));
+        assert_ne!(adjust("c-1", "k"), api("c-1", "k"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! [`report`] reads what is there, writes `report.md` and its SVG plots, and checks the
 //! budgets.
 
+pub mod load;
+pub mod load_report;
 pub mod peers;
 pub mod report;
 pub mod runtime_api;

@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::load::LoadRun;
+use super::load_report::{self, CEILING_FRACTION_BUDGET};
 use super::peers::{PeersRun, RuntimeSamples};
 use super::stats::{median, percentile};
 use super::svg::{self, Bar};
@@ -92,6 +94,7 @@ pub struct Inputs {
     pub cold_start: Option<ColdStartRun>,
     pub sizes: Option<SizesRun>,
     pub calls: Option<CallsRun>,
+    pub load: Option<LoadRun>,
 }
 
 impl Inputs {
@@ -101,6 +104,7 @@ impl Inputs {
             cold_start: read(dir, "cold-start.json"),
             sizes: read(dir, "sizes.json"),
             calls: read(dir, "calls.json"),
+            load: read(dir, "load.json"),
         }
     }
 }
@@ -188,14 +192,32 @@ impl Projection {
     }
 }
 
-/// The three designs, from the measured stock-function durations and the counted calls.
+/// What the load run measured of each function: invocations per final order and the median
+/// invocation time (ms), at one offered rate.
+#[derive(Clone, Debug)]
+pub struct MeasuredFunctions {
+    pub offered_per_s: f64,
+    /// (logical id, invocations per order, p50 ms)
+    pub functions: Vec<(String, f64, f64)>,
+}
+
+/// The functions the Step Functions design keeps as Lambdas (the API and the charge).
+const SFN_FUNCTIONS: [&str; 2] = ["OrderApiFunction", "PaymentFunction"];
+
+/// The three designs, from the counted calls and the functions' durations: each function's
+/// own, measured under load, when `measured` is given; else the stock function's warm p50
+/// (from the side-by-side run) for every function, at one invocation per message.
 pub fn project(
     rust: &Summary,
     node: Option<&Summary>,
     order: &OrderCalls,
     memory_mb: u32,
+    measured: Option<&MeasuredFunctions>,
 ) -> Vec<Projection> {
     let gb = memory_mb as f64 / 1024.0;
+    if let Some(m) = measured.filter(|m| !m.functions.is_empty()) {
+        return project_measured(rust, node, order, gb, m);
+    }
     let messages = order.sends as f64;
     let dynamodb =
         1e6 * (order.write_units * prices::DYNAMODB_WRU + order.read_units * prices::DYNAMODB_RRU);
@@ -235,6 +257,85 @@ pub fn project(
         "Step Functions Standard (Rust Lambdas for the API and the charge)",
         rust,
         2.0,
+        0.0,
+    );
+    sfn.sfn = 1e6 * SFN_TRANSITIONS * prices::SFN_STANDARD_TRANSITION;
+    out.push(sfn);
+    out
+}
+
+fn project_measured(
+    rust: &Summary,
+    node: Option<&Summary>,
+    order: &OrderCalls,
+    gb: f64,
+    m: &MeasuredFunctions,
+) -> Vec<Projection> {
+    let messages = order.sends as f64;
+    let dynamodb =
+        1e6 * (order.write_units * prices::DYNAMODB_WRU + order.read_units * prices::DYNAMODB_RRU);
+    let api = 1e6 * prices::HTTP_API_REQUEST;
+    // Each function's invocations per order and billed ms, with `extra` ms per invocation.
+    let design =
+        |name: &str, functions: &[(String, f64, f64)], extra: f64, init: f64, sqs_messages: f64| {
+            let invocations: f64 = functions.iter().map(|f| f.1).sum();
+            let billed: f64 = functions.iter().map(|f| f.1 * (f.2 + extra).ceil()).sum();
+            let gb_seconds = functions
+                .iter()
+                .map(|f| f.1 * ((f.2 + extra).ceil() + COLD_SHARE * init.ceil()))
+                .sum::<f64>()
+                / 1000.0
+                * gb;
+            Projection {
+                design: name.to_string(),
+                invocations,
+                billed_ms: if invocations > 0.0 {
+                    billed / invocations
+                } else {
+                    0.0
+                },
+                gb_seconds,
+                lambda: 1e6
+                    * (invocations * prices::LAMBDA_REQUEST
+                        + gb_seconds * prices::LAMBDA_ARM_GB_SECOND),
+                sqs: 1e6 * 3.0 * sqs_messages * prices::SQS_REQUEST,
+                dynamodb,
+                api,
+                sfn: 0.0,
+            }
+        };
+    let mut out = vec![design(
+        "this design (Rust, SQS choreography)",
+        &m.functions,
+        0.0,
+        rust.init,
+        messages,
+    )];
+    if let Some(node) = node {
+        out.push(design(
+            "the same design in Node.js",
+            &m.functions,
+            (node.warm_p50 - rust.warm_p50).max(0.0),
+            node.init,
+            messages,
+        ));
+    }
+    let sfn_functions: Vec<(String, f64, f64)> = SFN_FUNCTIONS
+        .iter()
+        .map(|id| {
+            let ms = m
+                .functions
+                .iter()
+                .find(|f| f.0 == *id)
+                .map_or(rust.warm_p50, |f| f.2);
+            (id.to_string(), 1.0, ms)
+        })
+        .collect();
+    let mut sfn = design(
+        "Step Functions Standard (Rust Lambdas for the API and the charge)",
+        &sfn_functions,
+        0.0,
+        rust.init,
         0.0,
     );
     sfn.sfn = 1e6 * SFN_TRANSITIONS * prices::SFN_STANDARD_TRANSITION;
@@ -359,6 +460,26 @@ pub fn verdicts(inputs: &Inputs, complete: bool) -> Vec<Verdict> {
             missing(&rss_budget, &mut v);
         }
     }
+    let load_budget =
+        format!("saga throughput at least {CEILING_FRACTION_BUDGET} of the emulators' ceiling");
+    match inputs
+        .load
+        .as_ref()
+        .and_then(load_report::throughput_vs_ceiling)
+    {
+        Some((best, offered, ceiling, bound)) => v.push(Verdict {
+            budget: load_budget,
+            measured: format!(
+                "{:.2} ({} orders/s at {} offered vs a ceiling of {} orders/s, bound by {bound})",
+                best / ceiling,
+                num(best),
+                num(offered),
+                num(ceiling)
+            ),
+            met: best / ceiling >= CEILING_FRACTION_BUDGET,
+        }),
+        None => missing(&load_budget, &mut v),
+    }
     v
 }
 
@@ -453,14 +574,25 @@ pub fn write(dir: &Path, repo_root: &Path, check_budgets: bool) -> std::io::Resu
     }
     if let Some(c) = &inputs.calls {
         write_calls(&mut md, c);
-        if let (Some(r), Some(order)) = (rust, c.orders.first()) {
-            let node = summaries.iter().find(|s| s.name == REFERENCE_PEER);
-            write_projection(&mut md, r, node, order, memory_mb);
-        }
+    }
+    if let Some(l) = &inputs.load {
+        load_report::write(&mut md, dir, l)?;
+    }
+    if let Some(c) = &inputs.calls
+        && let (Some(r), Some(order)) = (rust, c.orders.first())
+    {
+        let node = summaries.iter().find(|s| s.name == REFERENCE_PEER);
+        let measured = inputs.load.as_ref().and_then(|l| {
+            load_report::reference_step(l).map(|s| MeasuredFunctions {
+                offered_per_s: s.offered_per_s,
+                functions: load_report::per_function(s),
+            })
+        });
+        write_projection(&mut md, r, node, order, memory_mb, measured.as_ref());
     }
     let _ = writeln!(
         md,
-        "## Reproduce\n\n```\nmake bench          # installs the peers, measures everything, writes target/bench/report.md, exits non-zero on a missed budget\n```\n\nThe raw samples are in `peers.json`, `cold-start.json`, `sizes.json` and `calls.json` beside this report; `target/debug/saga-bench report --dir target/bench` rewrites the report from them."
+        "## Reproduce\n\n```\nmake bench          # installs the peers, measures everything, writes target/bench/report.md, exits non-zero on a missed budget\nBENCH_RATES=5,10 BENCH_STEP_SECONDS=10 make bench   # a shorter load phase\n```\n\nThe raw samples are in `peers.json`, `cold-start.json`, `sizes.json`, `calls.json` and `load.json` beside this report; `target/debug/saga-bench report --dir target/bench` rewrites the report from them."
     );
     std::fs::write(dir.join("report.md"), md)?;
     Ok(verdicts)
@@ -604,30 +736,51 @@ fn write_projection(
     node: Option<&Summary>,
     order: &OrderCalls,
     memory_mb: u32,
+    measured: Option<&MeasuredFunctions>,
 ) {
-    let projections = project(rust, node, order, memory_mb);
+    let projections = project(rust, node, order, memory_mb, measured);
     let messages = order.sends;
+    let measured = measured.filter(|m| !m.functions.is_empty());
+    let durations = match measured {
+        Some(m) => format!(
+            "each function's invocations per order and median invocation time as measured under load at {} orders/s (the fastest rate step that kept up; below)",
+            num(m.offered_per_s)
+        ),
+        None => "the stock function's measured warm p50 per runtime".to_string(),
+    };
+    let (invocations_formula, billed_formula) = match measured {
+        Some(_) => (
+            "- invocations = Σ over functions of the invocations per order measured under load (one per API request; one per SQS batch, so batching shows)"
+                .to_string(),
+            "- billed ms of a function = ⌈its p50 invocation time under load⌉ (Lambda bills whole milliseconds; a batch's invocation is billed once); GB-seconds = Σ over functions of invocations × (billed ms + {COLD} × ⌈init ms⌉) / 1000 × {MEM} MB / 1024. The Node.js design adds, to every invocation, how much longer the Node peer's warm p50 was than the Rust stock function's in the side-by-side run, and bills the Node peer's init"
+                .to_string(),
+        ),
+        None => (
+            format!(
+                "- invocations = 1 (order API) + {messages} (one per SQS message, at batch size 1: the worst case; the template's batching window lets up to 10 messages share one invocation under load)"
+            ),
+            "- billed ms = ⌈warm p50⌉ (Lambda bills whole milliseconds); every function is taken to last as long as the measured stock function (each is one or two DynamoDB writes and one SQS send); GB-seconds = invocations × (billed ms + {COLD} × ⌈init ms⌉) / 1000 × {MEM} MB / 1024"
+                .to_string(),
+        ),
+    };
+    let billed_formula = billed_formula
+        .replace("{COLD}", &COLD_SHARE.to_string())
+        .replace("{MEM}", &memory_mb.to_string());
     let _ = writeln!(
         md,
         "## AWS projection\n\n\
          What one million confirmed orders would cost on AWS at list prices (us-east-1, \
          on-demand, arm64, no free tier), from the numbers above: the calls of an order \
          without `Idempotency-Key` ({} calls, {} SQS messages, {} write units, {} read units) \
-         and the stock function's measured warm p50 per runtime.\n\n\
+         and {durations}.\n\n\
          Prices: Lambda ${:.10} per GB-second (arm64) and $0.20 per million requests; SQS $0.40 \
          per million requests; DynamoDB on-demand $0.625 per million write request units and \
          $0.125 per million read request units; API Gateway HTTP API $1.00 per million requests; \
          Step Functions Standard $0.025 per 1,000 state transitions.\n\n\
          Formulas, per order:\n\n\
-         - invocations = 1 (order API) + {messages} (one per SQS message, at batch size 1: the \
-         worst case; the template's batching window lets up to 10 messages share one invocation \
-         under load)\n\
-         - billed ms = ⌈warm p50⌉ (Lambda bills whole milliseconds); every function is taken to \
-         last as long as the measured stock function (each is one or two DynamoDB writes and one \
-         SQS send)\n\
-         - GB-seconds = invocations × (billed ms + {COLD_SHARE} × ⌈init ms⌉) / 1000 × {memory_mb} MB / 1024 \
-         (the template's MemorySize; {:.0}% of invocations assumed cold, their init billed as \
-         Lambda has billed init since August 2025)\n\
+         {invocations_formula}\n\
+         {billed_formula} (the template's MemorySize; {:.0}% of invocations assumed cold, their \
+         init billed as Lambda has billed init since August 2025)\n\
          - Lambda $ = invocations × $0.20/1M + GB-seconds × GB-second price\n\
          - SQS $ = 3 requests (send, receive, delete) × messages × $0.40/1M (empty long polls \
          not counted)\n\
@@ -635,15 +788,37 @@ fn write_projection(
          - Step Functions Standard: the same saga as a state machine (ReserveStock as a \
          DynamoDB TransactWriteItems task, ChargePayment as a Lambda task, ConfirmOrder as a \
          DynamoDB UpdateItem task, then Succeed): {SFN_TRANSITIONS} transitions per confirmed \
-         order × $0.025/1,000, no SQS, 2 Lambda invocations (order API, charge), and the same \
+         order × $0.025/1,000, no SQS, 2 Lambda invocations (order API, charge{}), and the same \
          DynamoDB writes and API Gateway request.\n",
         order.total,
         messages,
         order.write_units,
         order.read_units,
         prices::LAMBDA_ARM_GB_SECOND,
-        COLD_SHARE * 100.0
+        COLD_SHARE * 100.0,
+        if measured.is_some() {
+            ", each at its function's measured p50"
+        } else {
+            ""
+        }
     );
+    if let Some(m) = measured {
+        let _ = writeln!(
+            md,
+            "Per function, under load at {} orders/s:\n\n| function | invocations per order | p50 invocation ms | billed ms |\n|---|---|---|---|",
+            num(m.offered_per_s)
+        );
+        for (f, inv, p50) in &m.functions {
+            let _ = writeln!(
+                md,
+                "| {f} | {} | {} | {} |",
+                num(*inv),
+                num(*p50),
+                p50.ceil()
+            );
+        }
+        md.push('\n');
+    }
     let _ = writeln!(
         md,
         "| design | invocations | billed ms each | GB-s per order | Lambda | SQS | DynamoDB | API Gateway | Step Functions | total per 1M orders |\n|---|---|---|---|---|---|---|---|---|---|"
@@ -653,8 +828,8 @@ fn write_projection(
             md,
             "| {} | {} | {} | {:.6} | ${:.2} | ${:.2} | ${:.2} | ${:.2} | ${:.2} | **${:.2}** |",
             p.design,
-            p.invocations,
-            p.billed_ms,
+            num(p.invocations),
+            num(p.billed_ms),
             p.gb_seconds,
             p.lambda,
             p.sqs,
@@ -673,6 +848,15 @@ fn write_projection(
             num(n.rss_max_mib)
         );
     }
+    let _ = writeln!(
+        md,
+        "\nComputed from what the commands under \"AWS calls per confirmed order\", \"One function, side by side\"{} measured.",
+        if measured.is_some() {
+            " and \"The whole saga under open-loop load\""
+        } else {
+            ""
+        }
+    );
     md.push('\n');
 }
 
@@ -726,6 +910,7 @@ mod tests {
             cold_start: None,
             sizes: None,
             calls: None,
+            load: None,
         };
         let v = verdicts(&inputs(peers(250.0, 81_920)), false);
         assert_eq!(v.len(), 2);
@@ -734,7 +919,7 @@ mod tests {
         assert!(v.iter().all(|v| !v.met), "{v:?}");
         // Checking every budget: what was not measured is missed.
         let v = verdicts(&inputs(peers(250.0, 81_920)), true);
-        assert_eq!(v.iter().filter(|v| !v.met).count(), 3, "{v:?}");
+        assert_eq!(v.iter().filter(|v| !v.met).count(), 4, "{v:?}");
         assert!(
             v.iter()
                 .filter(|v| !v.met)
@@ -746,7 +931,7 @@ mod tests {
     fn projection_follows_its_formulas() {
         let rust = Summary::of(&samples("rust", 5.0, 3.2, 10_240));
         let node = Summary::of(&samples("node", 250.0, 7.5, 81_920));
-        let p = project(&rust, Some(&node), &order(), 128);
+        let p = project(&rust, Some(&node), &order(), 128, None);
         assert_eq!(p.len(), 3);
         // 5 invocations of ⌈3.2⌉ = 4 ms, plus 1% of a 5 ms init, at 0.125 GB.
         let gbs = 5.0 * (4.0 + 0.01 * 5.0) / 1000.0 * 0.125;
@@ -760,5 +945,35 @@ mod tests {
         assert!((p[2].sfn - 100.0).abs() < 1e-9);
         assert_eq!(p[2].sqs, 0.0);
         assert_eq!(p[2].invocations, 2.0);
+    }
+
+    #[test]
+    fn when_functions_were_measured_under_load_the_projection_bills_each_its_own() {
+        let rust = Summary::of(&samples("rust", 5.0, 3.2, 10_240));
+        let node = Summary::of(&samples("node", 250.0, 7.5, 81_920));
+        let measured = MeasuredFunctions {
+            offered_per_s: 50.0,
+            functions: vec![
+                ("OrderApiFunction".into(), 1.0, 11.2),
+                ("StockFunction".into(), 0.5, 20.0),
+                ("PaymentFunction".into(), 0.5, 30.5),
+                ("CoordinatorFunction".into(), 1.0, 9.0),
+            ],
+        };
+        let p = project(&rust, Some(&node), &order(), 128, Some(&measured));
+        assert_eq!(p[0].invocations, 3.0);
+        // 1 × ⌈11.2⌉ + 0.5 × 20 + 0.5 × ⌈30.5⌉ + 1 × 9 = 12 + 10 + 15.5 + 9, plus 1% of a 5 ms
+        // init per invocation.
+        let gbs = (46.5 + 3.0 * 0.01 * 5.0) / 1000.0 * 0.125;
+        assert!((p[0].gb_seconds - gbs).abs() < 1e-12, "{:?}", p[0]);
+        assert!((p[0].billed_ms - 46.5 / 3.0).abs() < 1e-9);
+        // Node: every invocation 7.5 - 3.2 = 4.3 ms longer, and its own init.
+        let node_gbs = (1.0 * 16.0 + 0.5 * 25.0 + 0.5 * 35.0 + 1.0 * 14.0 + 3.0 * 0.01 * 250.0)
+            / 1000.0
+            * 0.125;
+        assert!((p[1].gb_seconds - node_gbs).abs() < 1e-12, "{:?}", p[1]);
+        // Step Functions: the API and the charge, each once, at their own p50.
+        assert_eq!(p[2].invocations, 2.0);
+        assert!((p[2].billed_ms - (12.0 + 31.0) / 2.0).abs() < 1e-9);
     }
 }

@@ -5,6 +5,7 @@
 //! saga-bench sizes [--json F] FUNCTION...                 the arm64 artifacts' sizes
 //! saga-bench calls [--json F]                             AWS calls made for one confirmed order
 //! saga-bench peers [--rounds N] [--warm N] ...            the stock function beside its Node.js and Python peers
+//! saga-bench load [--rates 5,10,25,...] [--seconds 20] ... the whole saga under open-loop load, and the emulators' ceiling
 //! saga-bench report [--dir D] [--no-budgets]              report.md and its plots; every budget checked
 //! ```
 //! Each measurement can write its samples as JSON (with the command that made them) for the
@@ -18,6 +19,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use local_runner::bench::load::{self, LoadOptions};
 use local_runner::bench::peers::{self, PeersOptions, Runtime};
 use local_runner::bench::report::{
     self, CallsRun, ColdStartRun, FunctionColdStart, OrderCalls, SizesRun,
@@ -95,6 +97,46 @@ enum Cmd {
         #[arg(long, default_value = "target/bench/logs")]
         logs: PathBuf,
     },
+    /// The whole saga under open-loop load against the stack of `make run` (run from the
+    /// repository): the emulators' ceiling, rate steps until the stack saturates, and
+    /// batching window settings side by side
+    Load {
+        /// Offered rates, orders per second, stepped up in order until one saturates
+        #[arg(long, value_delimiter = ',', default_value = "5,10,25,50,100,200,400")]
+        rates: Vec<f64>,
+        /// Seconds each rate is offered
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Batching windows to compare, seconds (`template` for the template's setting)
+        #[arg(long, value_delimiter = ',', default_value = "0,template")]
+        windows: Vec<String>,
+        /// Rates at which the batching windows are compared
+        #[arg(long, value_delimiter = ',', default_value = "5,10")]
+        window_rates: Vec<f64>,
+        /// Seconds each rate is offered in the batching comparison
+        #[arg(long, default_value_t = 10.0)]
+        window_seconds: f64,
+        /// Concurrency of the emulators' client loops (the best is their ceiling)
+        #[arg(long, value_delimiter = ',', default_value = "4,16")]
+        ceiling_concurrency: Vec<usize>,
+        /// Seconds of each client loop
+        #[arg(long, default_value_t = 4.0)]
+        ceiling_seconds: f64,
+        /// Products in the catalogue
+        #[arg(long, default_value_t = 20)]
+        products: usize,
+        /// Lines (distinct products, one unit each) per order
+        #[arg(long, default_value_t = 2)]
+        lines: usize,
+        /// The payment simulator's random decline rate (`make run`'s default)
+        #[arg(long, default_value_t = 0.1)]
+        payment_failure_rate: f64,
+        /// Seconds of warm-up on every new stack (5 orders/s, not counted)
+        #[arg(long, default_value_t = 2.0)]
+        warm_up_seconds: f64,
+        #[arg(long, default_value = "target/bench/load.json")]
+        json: PathBuf,
+    },
     /// Writes DIR/report.md and its plots from the JSON files in DIR, and checks every budget
     Report {
         #[arg(long, default_value = "target/bench")]
@@ -169,6 +211,57 @@ fn main() -> ExitCode {
             .block_on(run_peers(
                 stock, peers_dir, runtimes, rounds, warm, json, logs,
             )),
+        Cmd::Load {
+            rates,
+            seconds,
+            windows,
+            window_rates,
+            window_seconds,
+            ceiling_concurrency,
+            ceiling_seconds,
+            products,
+            lines,
+            payment_failure_rate,
+            warm_up_seconds,
+            json,
+        } => {
+            let windows: Result<Vec<Option<u32>>, _> = windows
+                .iter()
+                .map(|w| match w.as_str() {
+                    "template" => Ok(None),
+                    n => n.parse().map(Some),
+                })
+                .collect();
+            match windows {
+                Ok(windows) => tokio::runtime::Runtime::new()
+                    .expect("runtime")
+                    .block_on(run_load(
+                        LoadOptions {
+                            repo_root: std::env::current_dir().expect("cwd"),
+                            dynamodb_endpoint: String::new(),
+                            sqs_endpoint: String::new(),
+                            rates,
+                            step_seconds: seconds,
+                            windows,
+                            window_rates,
+                            window_seconds,
+                            ceiling_concurrency,
+                            ceiling_seconds,
+                            products,
+                            lines,
+                            payment_failure_rate,
+                            warm_up_seconds,
+                            command: command_line(),
+                            progress: true,
+                        },
+                        json,
+                    )),
+                Err(e) => {
+                    eprintln!("--windows: {e} (whole seconds, or `template`)");
+                    false
+                }
+            }
+        }
         Cmd::Report { dir, no_budgets } => write_report(&dir, !no_budgets),
     };
     if ok {
@@ -178,8 +271,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Environment a function needs to start: its configuration (dummy values: nothing is
-/// called before the first event) and what Lambda sets.
+/// The configuration every function is started with (dummy values: nothing is called before
+/// the first event). A test checks that each function's configuration loads from it, so a
+/// variable a function starts to require cannot make a benchmark hang or fail later.
+const FUNCTION_ENV: &[(&str, &str)] = &[
+    ("ORDERS_TABLE", "OrdersTable"),
+    ("ORDERS_PENDING_INDEX", "PendingOrdersIndex"),
+    ("ORDERS_CUSTOMER_INDEX", "CustomerOrdersIndex"),
+    ("PRODUCTS_TABLE", "ProductsTable"),
+    ("STOCK_MOVEMENTS_TABLE", "StockMovementsTable"),
+    ("IDEMPOTENCY_TABLE", "IdempotencyTable"),
+    ("PAYMENT_LEDGER_TABLE", "PaymentLedgerTable"),
+    ("STOCK_QUEUE_URL", "http://127.0.0.1:9/q"),
+    ("PAYMENT_QUEUE_URL", "http://127.0.0.1:9/q"),
+    ("COORDINATOR_QUEUE_URL", "http://127.0.0.1:9/q"),
+    ("PAYMENT_FAILURE_RATE", "0"),
+    ("ORDER_TIMEOUT_SECONDS", "300"),
+    ("RUST_LOG", "warn"),
+];
+
+/// Environment a function needs to start: its configuration ([`FUNCTION_ENV`]) and what
+/// Lambda sets.
 fn lambda_env(cmd: &mut Command, name: &str, runtime_api: &str) {
     for (k, v) in [
         ("AWS_LAMBDA_RUNTIME_API", runtime_api),
@@ -192,18 +304,10 @@ fn lambda_env(cmd: &mut Command, name: &str, runtime_api: &str) {
         ("AWS_ACCESS_KEY_ID", "bench"),
         ("AWS_SECRET_ACCESS_KEY", "bench"),
         ("AWS_SESSION_TOKEN", "bench"),
-        ("ORDERS_TABLE", "OrdersTable"),
-        ("ORDERS_PENDING_INDEX", "PendingOrdersIndex"),
-        ("PRODUCTS_TABLE", "ProductsTable"),
-        ("IDEMPOTENCY_TABLE", "IdempotencyTable"),
-        ("PAYMENT_LEDGER_TABLE", "PaymentLedgerTable"),
-        ("STOCK_QUEUE_URL", "http://127.0.0.1:9/q"),
-        ("PAYMENT_QUEUE_URL", "http://127.0.0.1:9/q"),
-        ("COORDINATOR_QUEUE_URL", "http://127.0.0.1:9/q"),
-        ("PAYMENT_FAILURE_RATE", "0"),
-        ("ORDER_TIMEOUT_SECONDS", "300"),
-        ("RUST_LOG", "warn"),
-    ] {
+    ]
+    .iter()
+    .chain(FUNCTION_ENV)
+    {
         cmd.env(k, v);
     }
 }
@@ -332,6 +436,32 @@ async fn run_peers(
     }
 }
 
+async fn run_load(mut opts: LoadOptions, json: PathBuf) -> bool {
+    let services =
+        match services::ensure_services(&ServiceOptions::new(opts.repo_root.clone())).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("{e}");
+                return false;
+            }
+        };
+    opts.dynamodb_endpoint = services.dynamodb_endpoint();
+    opts.sqs_endpoint = services.sqs_endpoint();
+    match load::measure(&opts).await {
+        Ok(run) => {
+            println!(
+                "  ({:.0} s; load average {} before, {} after)",
+                run.seconds, run.load_before, run.load_after
+            );
+            write_json(&opts.repo_root.join(json), &run)
+        }
+        Err(e) => {
+            eprintln!("load run failed: {e}");
+            false
+        }
+    }
+}
+
 fn write_report(dir: &Path, check_budgets: bool) -> bool {
     let root = std::env::current_dir().expect("cwd");
     match report::write(dir, &root, check_budgets) {
@@ -389,15 +519,28 @@ fn cold_start(runs: usize, binaries: &[String], json: Option<&Path>) -> bool {
             let addr = listener.local_addr().expect("addr").to_string();
             let mut cmd = Command::new(binary);
             lambda_env(&mut cmd, &name, &addr);
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
             let started = Instant::now();
             let mut child = cmd
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
-            listener.set_nonblocking(false).ok();
-            let (stream, _) = listener
-                .accept()
-                .expect("the function connects to the runtime API");
+            // A function that exits (a configuration it lacks, say) or never asks for an event
+            // fails the run instead of leaving it waiting.
+            let stream = match first_connection(&listener, &mut child, Duration::from_secs(30)) {
+                Ok(stream) => stream,
+                Err(why) => {
+                    let _ = child.kill();
+                    let mut stderr = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+                    }
+                    let _ = child.wait();
+                    eprintln!("{name}: {why}; its stderr: {}", stderr.trim());
+                    ok = false;
+                    samples.clear();
+                    break;
+                }
+            };
             let mut line = String::new();
             BufReader::new(stream)
                 .read_line(&mut line)
@@ -410,6 +553,10 @@ fn cold_start(runs: usize, binaries: &[String], json: Option<&Path>) -> bool {
             let _ = child.kill();
             let _ = child.wait();
             samples.push(elapsed);
+        }
+        if samples.is_empty() {
+            println!("{name:<14} failed: not measured");
+            continue;
         }
         samples.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
         let median = percentile(&samples, 0.5);
@@ -433,6 +580,33 @@ fn cold_start(runs: usize, binaries: &[String], json: Option<&Path>) -> bool {
         ok &= write_json(path, &run);
     }
     ok
+}
+
+/// The first connection to `listener`, unless `child` exits first or `limit` passes.
+fn first_connection(
+    listener: &TcpListener,
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<std::net::TcpStream, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited before asking for an event ({status})"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no request within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 /// Operations the event source mapping performs on the function's behalf (Lambda's service,
@@ -690,8 +864,34 @@ async fn calls(json: Option<&Path>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_function_configuration_loads_from_the_bench_environment() {
+        use saga_core::config::{
+            CoordinatorConfig, OrderApiConfig, PaymentConfig, StockConfig, SweeperConfig,
+        };
+        let env = |k: &str| {
+            FUNCTION_ENV
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        };
+        assert!(OrderApiConfig::load(&env).is_ok(), "order-api");
+        assert!(StockConfig::load(&env).is_ok(), "stock");
+        assert!(PaymentConfig::load(&env).is_ok(), "payment");
+        assert!(CoordinatorConfig::load(&env).is_ok(), "coordinator");
+        assert!(SweeperConfig::load(&env).is_ok(), "sweeper");
+    }
+
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn when_a_function_exits_before_asking_for_an_event_should_say_so_instead_of_waiting() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut child = Command::new("sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let err = first_connection(&listener, &mut child, Duration::from_secs(60)).unwrap_err();
+        assert!(err.contains("exited before asking for an event"), "{err}");
+    }
 
     #[test]
     fn parses_both_commands() {
@@ -731,6 +931,25 @@ mod tests {
         assert_eq!(
             (runtimes, rounds, warm),
             (vec!["rust".to_string(), "node".to_string()], 10, 25)
+        );
+        let Cmd::Load {
+            rates,
+            seconds,
+            windows,
+            ..
+        } = parse(&["load", "--rates", "1,2.5", "--windows", "0,template"])
+            .unwrap()
+            .command
+        else {
+            panic!("not load");
+        };
+        assert_eq!(
+            (rates, seconds, windows),
+            (
+                vec![1.0, 2.5],
+                20.0,
+                vec!["0".to_string(), "template".into()]
+            )
         );
         assert!(matches!(
             parse(&["report", "--no-budgets"]).unwrap().command,
