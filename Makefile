@@ -17,7 +17,7 @@ ARGS ?=
 # `make test KEEP_SERVICES=1` leaves DynamoDB Local and moto running afterwards.
 KEEP_SERVICES ?=
 
-.PHONY: help setup setup-tools build run token test lint fmt stop clean redrive audit bench sam-invoke
+.PHONY: help setup setup-tools build run token test lint fmt stop clean redrive audit opening-balances bench sam-invoke
 
 help: ## List the targets
 	@echo "usage: make TARGET"
@@ -44,7 +44,6 @@ token: ## Print an access token of a local user: make token [USER_NAME=bob] [OPE
 	@$(SETUP) stack >&2
 	@$(CARGO) run -q -p local-runner --bin saga-local -- token --user $(USER_NAME) $(if $(OPERATOR),--operator)
 
-# The debug build is the one `make test` builds too, so the two share their artifacts.
 QUEUE ?=
 redrive: ## Move messages from a DLQ back to its queue: make redrive QUEUE=StockDeadLetterQueue
 	@if [ -z "$(QUEUE)" ]; then echo "usage: make redrive QUEUE=StockDeadLetterQueue (or PaymentDeadLetterQueue, CoordinatorDeadLetterQueue)"; exit 2; fi
@@ -52,6 +51,9 @@ redrive: ## Move messages from a DLQ back to its queue: make redrive QUEUE=Stock
 
 audit: ## Check the stores' invariants (the local stack of make run; ARGS='--help' for a deployed one)
 	$(CARGO) run -q -p local-runner --bin saga-local -- audit $(ARGS)
+
+opening-balances: ## First stock movements of products from before movements (ARGS='--apply' writes them)
+	$(CARGO) run -q -p local-runner --bin saga-local -- opening-balances $(ARGS)
 
 FN ?=
 EVENT ?=
@@ -73,9 +75,15 @@ lint: setup-tools ## rustfmt check, clippy -D warnings, cfn-lint and sam validat
 		echo "sam validate --lint" && sam validate --lint --region us-east-1 --template-file template.yaml; \
 	fi
 
+# The tests build target/debug/saga-local with the whole workspace's features; `cargo run -p
+# local-runner` would rebuild the SDK crates with its own (minutes), so the test run stops the
+# services with the binary it built.
 test: setup-tools lint ## Lint, then the whole test suite; stops the services afterwards
 	status=0; $(CARGO) test --workspace --no-fail-fast || status=$$?; \
-	if [ -z "$(KEEP_SERVICES)" ]; then $(MAKE) --no-print-directory stop || true; fi; \
+	if [ -z "$(KEEP_SERVICES)" ]; then \
+	  runner="$${CARGO_TARGET_DIR:-target}/debug/saga-local"; \
+	  if [ -x "$$runner" ]; then "$$runner" stop || true; else $(MAKE) --no-print-directory stop || true; fi; \
+	fi; \
 	exit $$status
 
 stop: ## Stop the local services recorded in .local/pids (and sam-invoke's dockerd and relay)

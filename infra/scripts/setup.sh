@@ -91,14 +91,17 @@ step_java() {
 
 # --- Python venv ----------------------------------------------------------------------
 ensure_venv() {
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    # A venv's scripts (pip, sam, moto_server, ...) name its python by absolute path: a venv
+    # moved with its checkout runs its python but none of its scripts.
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1 &&
+        case "$(head -n 1 "$VENV/bin/pip" 2>/dev/null)" in "#!$VENV/bin/python"*) true ;; *) false ;; esac; then
         return
     fi
     command -v python3 >/dev/null 2>&1 || die "python3 not found (needed for the moto venv)"
     python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' ||
         die "python3 >= 3.9 needed, found $(python3 --version 2>&1)"
     if [ -e "$VENV" ]; then
-        log "$VENV is broken (its python does not run); recreating it"
+        log "$VENV is broken (its python does not run, or it was made elsewhere); recreating it"
         rm -rf "$VENV"
     fi
     log "creating venv $VENV with $(python3 --version 2>&1)"

@@ -529,3 +529,101 @@ async fn when_the_audit_cannot_run_should_say_why_and_exit_2() {
     let help = text(&help.stdout);
     assert!(help.contains("one full scan of the five tables"), "{help}");
 }
+
+/// `saga-local opening-balances --prefix <the stack's> ...`, from the repository.
+fn run_opening(t: &TestStack, dynamodb: &str, args: &[&str]) -> Output {
+    std::process::Command::new(saga_local_binary())
+        .arg("opening-balances")
+        .args(["--prefix", &t.prefix, "--dynamodb-endpoint", dynamodb])
+        .args(args)
+        .current_dir(saga_tests::repo_root())
+        .env_remove("SAGA_PREFIX")
+        .output()
+        .expect("saga-local runs")
+}
+
+/// A product created before stock movements were recorded (planted as that version wrote it:
+/// no movement, no `reserved`, no `version`), restocked through the API since: the audit
+/// flags it (invariant 3). `opening-balances` without `--apply` says what it would write and
+/// writes nothing; with `--apply` it writes the opening balance once, and not for a product
+/// created by this version; the audit then finds nothing, and another run writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_product_predates_movements_should_get_its_opening_balance_once() {
+    let (dynamodb, _) = saga_tests::services().await;
+    let t = TestStack::start_paused().await;
+    let db = Tables { t: &t };
+    let s = |v: &str| AttributeValue::S(v.into());
+    db.put(
+        "ProductsTable",
+        Item::from([
+            ("productId".into(), s("p-old")),
+            ("name".into(), s("Old")),
+            ("priceCents".into(), AttributeValue::N("100".into())),
+            ("quantity".into(), AttributeValue::N("7".into())),
+        ]),
+    )
+    .await;
+    let created = t
+        .as_operator(
+            "PUT",
+            "/products/p-new",
+            &serde_json::json!({"name": "New", "priceCents": 100, "quantity": 4}),
+            &[],
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.raw);
+    let r = t.adjust_stock("p-old", 3, "restock", None).await;
+    assert_eq!(r.status, 201, "{}", r.raw);
+
+    let report = t.audit().await;
+    let findings: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
+    assert_eq!(
+        invariants(&report.findings),
+        BTreeSet::from([3]),
+        "{findings:?}"
+    );
+    assert!(findings.iter().all(|f| f.contains("p-old")), "{findings:?}");
+
+    // Read only: says +7 would be written, writes nothing.
+    let dry = run_opening(&t, &dynamodb, &[]);
+    let out = text(&dry.stdout);
+    assert_eq!(dry.status.code(), Some(0), "{out}{}", text(&dry.stderr));
+    assert!(
+        out.contains("p-old:") && out.contains("+7: would be written"),
+        "{out}"
+    );
+    assert!(!out.contains("p-new"), "{out}");
+    assert!(!t.audit().await.clean());
+
+    // Applied: the movement, first in the product's history, and the audit is clean.
+    let applied = run_opening(&t, &dynamodb, &["--apply", "--json"]);
+    assert_eq!(applied.status.code(), Some(0), "{}", text(&applied.stderr));
+    let json: Value = serde_json::from_slice(&applied.stdout).expect("JSON");
+    assert_eq!(json.as_array().map(Vec::len), Some(1), "{json}");
+    assert_eq!(json[0]["outcome"], "written", "{json}");
+    assert_eq!(json[0]["opening"]["delta"], 7, "{json}");
+    let movement = db
+        .get(
+            "StockMovementsTable",
+            &[
+                ("productId", "p-old"),
+                ("movementId", local_runner::opening::OPENING_MOVEMENT_ID),
+            ],
+        )
+        .await;
+    assert_eq!(n(&movement, "delta"), 7);
+    // Its quantity after: the product's when it was written (after the restock).
+    assert_eq!(n(&movement, "quantityAfter"), 10);
+    let report = t.audit().await;
+    assert!(report.clean(), "{}", report.text());
+
+    // Again: nothing left to write.
+    let again = run_opening(&t, &dynamodb, &["--apply"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stdout).contains("no product needs an opening balance"),
+        "{}",
+        text(&again.stdout)
+    );
+    t.stop().await;
+}

@@ -165,6 +165,9 @@ pub enum AuditError {
         segment: i32,
         message: String,
     },
+    /// A write of `saga-local opening-balances` ([`crate::opening`]) failed.
+    #[error("writing an opening balance: {0}")]
+    Write(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,6 +205,8 @@ pub struct MovementRow {
     pub product_id: String,
     pub movement_id: String,
     pub delta: i64,
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// An item a check could not read, by its key.
@@ -494,6 +499,104 @@ fn step_of(id: &str) -> Option<(&str, &str)> {
     matches!(step, "reserve" | "release" | "charge" | "refund").then_some((order, step))
 }
 
+/// The step records of a snapshot, by order id.
+fn steps_by_order(snapshot: &Snapshot) -> BTreeMap<&str, Steps> {
+    let mut steps: BTreeMap<&str, Steps> = BTreeMap::new();
+    for record in &snapshot.steps {
+        let Some((order, step)) = step_of(&record.id) else {
+            continue;
+        };
+        let entry = steps.entry(order).or_default();
+        match step {
+            "reserve" => {
+                entry.reserved |=
+                    record.status == Status::Completed && record.outcome == Some(Outcome::Reserved);
+                entry.legacy_reserved |= legacy_reservation(record);
+            }
+            "release" => entry.released |= released(record),
+            _ => {}
+        }
+    }
+    steps
+}
+
+/// What the stores say of one product's stock (invariants 1 to 3 compare these).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StockView {
+    /// Whether the product is in the products table (a product only named by reservations or
+    /// movements is not).
+    pub exists: bool,
+    pub quantity: i64,
+    pub reserved: i64,
+    /// Units held by live reservations of this version (what `reserved` must be).
+    pub held: i64,
+    /// The orders of those reservations.
+    pub held_by: BTreeSet<String>,
+    /// Units held by live reservations of the previous version (never counted in `reserved`).
+    pub legacy_held: i64,
+    pub movements: usize,
+    pub movements_sum: i64,
+    /// Whether one of its movements is its first: the initial stock of its creation, or an
+    /// opening balance ([`crate::opening`]).
+    pub has_first_movement: bool,
+}
+
+impl StockView {
+    /// Invariant 3's difference: `quantity + reserved + legacy_held - movements_sum`.
+    pub fn unexplained(&self) -> i64 {
+        self.quantity + self.reserved + self.legacy_held - self.movements_sum
+    }
+}
+
+/// Every product's [`StockView`], by id: each product of the table, and each product id that
+/// live reservations or movements name. Also the findings met on the way (a live reservation
+/// whose order is missing).
+pub fn stock_views(snapshot: &Snapshot) -> (BTreeMap<String, StockView>, Vec<Finding>) {
+    let orders: BTreeMap<&str, &OrderRow> = snapshot
+        .orders
+        .iter()
+        .map(|o| (o.order_id.as_str(), o))
+        .collect();
+    let mut findings = Vec::new();
+    let mut views: BTreeMap<String, StockView> = BTreeMap::new();
+    for p in &snapshot.products {
+        let v = views.entry(p.product_id.clone()).or_default();
+        v.exists = true;
+        v.quantity = p.quantity;
+        v.reserved = p.reserved;
+    }
+    for (order_id, s) in &steps_by_order(snapshot) {
+        if !s.live() {
+            continue;
+        }
+        let Some(order) = orders.get(order_id) else {
+            findings.push(Finding::ReservationWithoutOrder {
+                order_id: order_id.to_string(),
+            });
+            continue;
+        };
+        for line in &order.items {
+            let units = line.quantity as i64;
+            let v = views.entry(line.product_id.clone()).or_default();
+            if s.reserved {
+                v.held += units;
+                v.held_by.insert(order_id.to_string());
+            } else {
+                v.legacy_held += units;
+            }
+        }
+    }
+    for m in &snapshot.movements {
+        let v = views.entry(m.product_id.clone()).or_default();
+        v.movements += 1;
+        v.movements_sum += m.delta;
+        v.has_first_movement |= m.reason == saga_core::domain::INITIAL_STOCK_REASON
+            || m.movement_id == crate::opening::OPENING_MOVEMENT_ID;
+    }
+    (views, findings)
+}
+
 /// Every broken invariant in `snapshot`, sorted by invariant and then by id.
 pub fn check(snapshot: &Snapshot, rules: &Rules) -> Vec<Finding> {
     let mut findings: Vec<Finding> = snapshot
@@ -511,102 +614,35 @@ pub fn check(snapshot: &Snapshot, rules: &Rules) -> Vec<Finding> {
         .iter()
         .map(|o| (o.order_id.as_str(), o))
         .collect();
+    let steps = steps_by_order(snapshot);
 
-    // The step records, by order.
-    let mut steps: BTreeMap<&str, Steps> = BTreeMap::new();
-    for record in &snapshot.steps {
-        let Some((order, step)) = step_of(&record.id) else {
-            continue;
-        };
-        let entry = steps.entry(order).or_default();
-        match step {
-            "reserve" => {
-                entry.reserved |=
-                    record.status == Status::Completed && record.outcome == Some(Outcome::Reserved);
-                entry.legacy_reserved |= legacy_reservation(record);
-            }
-            "release" => entry.released |= released(record),
-            _ => {}
-        }
-    }
-
-    // Units held per product by live reservations: counted in `reserved` (this version's)
-    // and not (the previous version's).
-    let mut held: BTreeMap<&str, (i64, BTreeSet<&str>)> = BTreeMap::new();
-    let mut legacy_held: BTreeMap<&str, i64> = BTreeMap::new();
-    for (order_id, s) in &steps {
-        if !s.live() {
-            continue;
-        }
-        let Some(order) = orders.get(order_id) else {
-            findings.push(Finding::ReservationWithoutOrder {
-                order_id: order_id.to_string(),
-            });
-            continue;
-        };
-        for line in &order.items {
-            let units = line.quantity as i64;
-            if s.reserved {
-                let h = held.entry(line.product_id.as_str()).or_default();
-                h.0 += units;
-                h.1.insert(order_id);
-            } else {
-                *legacy_held.entry(line.product_id.as_str()).or_default() += units;
-            }
-        }
-    }
-
-    let mut movements: BTreeMap<&str, (usize, i64)> = BTreeMap::new();
-    for m in &snapshot.movements {
-        let e = movements.entry(m.product_id.as_str()).or_default();
-        e.0 += 1;
-        e.1 += m.delta;
-    }
-
-    // Invariants 1 to 3, per product: every product in the table, and every product id that
-    // live reservations or movements name (a missing product has quantity and reserved 0).
-    let products: BTreeMap<&str, &ProductRow> = snapshot
-        .products
-        .iter()
-        .map(|p| (p.product_id.as_str(), p))
-        .collect();
-    let ids: BTreeSet<&str> = products
-        .keys()
-        .chain(held.keys())
-        .chain(legacy_held.keys())
-        .chain(movements.keys())
-        .copied()
-        .collect();
-    for id in ids {
-        let (quantity, reserved) = products
-            .get(id)
-            .map_or((0, 0), |p| (p.quantity, p.reserved));
-        if quantity < 0 || reserved < 0 {
+    // Invariants 1 to 3, per product.
+    let (views, met) = stock_views(snapshot);
+    findings.extend(met);
+    for (id, v) in views {
+        if v.quantity < 0 || v.reserved < 0 {
             findings.push(Finding::NegativeStock {
-                product_id: id.into(),
-                quantity,
-                reserved,
+                product_id: id.clone(),
+                quantity: v.quantity,
+                reserved: v.reserved,
             });
         }
-        let (units, by) = held.get(id).cloned().unwrap_or_default();
-        if reserved != units {
+        if v.reserved != v.held {
             findings.push(Finding::ReservedMismatch {
-                product_id: id.into(),
-                reserved,
-                held: units,
-                orders: by.into_iter().map(String::from).collect(),
+                product_id: id.clone(),
+                reserved: v.reserved,
+                held: v.held,
+                orders: v.held_by.iter().cloned().collect(),
             });
         }
-        let legacy = legacy_held.get(id).copied().unwrap_or(0);
-        let (count, sum) = movements.get(id).copied().unwrap_or_default();
-        if quantity + reserved + legacy != sum {
+        if v.unexplained() != 0 {
             findings.push(Finding::MovementsMismatch {
-                product_id: id.into(),
-                quantity,
-                reserved,
-                legacy_held: legacy,
-                movements: count,
-                movements_sum: sum,
+                product_id: id,
+                quantity: v.quantity,
+                reserved: v.reserved,
+                legacy_held: v.legacy_held,
+                movements: v.movements,
+                movements_sum: v.movements_sum,
             });
         }
     }
@@ -1221,6 +1257,7 @@ mod tests {
             product_id: product.into(),
             movement_id: format!("{}", fastrand::u64(..)),
             delta,
+            reason: "restock".into(),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod cognito;
 pub mod counting;
 pub mod esm;
 pub mod http;
+pub mod opening;
 pub mod pacing;
 pub mod provision;
 pub mod redrive;

@@ -11,6 +11,8 @@
 //! saga-local audit [--prefix P]                 check the stores' invariants (local stack), or
 //! saga-local audit --orders-table T --products-table T --movements-table T
 //!                  --idempotency-table T --ledger-table T   (a deployed stack)
+//! saga-local opening-balances [--apply] [...]   first movements of products from before movements
+//!                                               (the same table options as audit)
 //! saga-local sam-env [--prefix P]                .local/sam/{env.json,template.yaml} for `sam local`
 //! saga-local sam-relay --listen A:P --to A:P     a TCP relay (moto to the Docker bridge)
 //! ```
@@ -99,6 +101,20 @@ enum Cmd {
     /// With the five --*-table names it audits a deployed stack (region, credentials and
     /// endpoint from the standard AWS environment).
     Audit(AuditArgs),
+    /// Write the first stock movement of products created before movements were recorded
+    /// (exit 0 when none is left to write, 1 when one changed while read or is refused, 2
+    /// when it could not run)
+    ///
+    /// After an upgrade from a version without stock movements, the audit's invariant 3 flags
+    /// every product created before it. For each product with no first movement (no `initial
+    /// stock`, no opening balance) whose movements do not explain its stock, this writes one
+    /// movement, reason `opening balance`: quantity + reserved + units held by live
+    /// reservations of the previous version - the movements it already has. The stores are
+    /// read twice (two full scans, as the audit's), and a product is written only if both
+    /// reads agree, in one transaction conditioned on its quantity and reserved being
+    /// unchanged, under a fixed movement id (a second run writes nothing). A negative balance
+    /// is never written. Without --apply it only reads. Table options as for `audit`.
+    OpeningBalances(OpeningArgs),
     /// Write what `sam local` needs to run the built functions against the local stack
     ///
     /// Starts (or reuses) the local services, creates (or reuses) the template's tables and
@@ -270,9 +286,9 @@ struct RedriveArgs {
     sqs_endpoint: String,
 }
 
-/// The settings of `audit`.
+/// Which stores `audit` and `opening-balances` read, and how.
 #[derive(Args, Debug)]
-struct AuditArgs {
+struct StoreArgs {
     /// The local resources' name prefix, as `run` was given it (none when unset; ignored with
     /// the --*-table names)
     #[arg(long, env = "SAGA_PREFIX", value_parser = blank_means(String::new()))]
@@ -317,6 +333,13 @@ struct AuditArgs {
     /// terminal)
     #[arg(long)]
     progress: bool,
+}
+
+/// The settings of `audit`.
+#[derive(Args, Debug)]
+struct AuditArgs {
+    #[command(flatten)]
+    store: StoreArgs,
 
     /// The sweeper's ORDER_TIMEOUT_SECONDS (template.yaml's OrderTimeoutSeconds default when
     /// unset)
@@ -330,6 +353,22 @@ struct AuditArgs {
     grace_seconds: u64,
 
     /// Print the report as JSON on stdout (findings, items and capacity per table)
+    #[arg(long)]
+    json: bool,
+}
+
+/// The settings of `opening-balances`.
+#[derive(Args, Debug)]
+struct OpeningArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+
+    /// Write the opening balances (without it, the stores are only read and the command says
+    /// what it would write)
+    #[arg(long)]
+    apply: bool,
+
+    /// Print the results as JSON on stdout
     #[arg(long)]
     json: bool,
 }
@@ -367,7 +406,10 @@ async fn main() -> ExitCode {
         // No command is `run` with its defaults (and the environment).
         Cmd::Run(RunArgs::parse_from(["saga-local run"]))
     });
-    if matches!(command, Cmd::Token(_) | Cmd::Audit(_)) {
+    if matches!(
+        command,
+        Cmd::Token(_) | Cmd::Audit(_) | Cmd::OpeningBalances(_)
+    ) {
         // The token (`export TOKEN=$(make -s token)`) or the report is the command's output:
         // logs go to stderr, at the same level as everywhere else.
         let _ = tracing_subscriber::fmt()
@@ -397,6 +439,7 @@ async fn main() -> ExitCode {
         Cmd::Redrive(args) => redrive(args).await,
         Cmd::Token(args) => token(args).await,
         Cmd::Audit(args) => return audit(args).await,
+        Cmd::OpeningBalances(args) => return opening_balances(args).await,
         Cmd::SamEnv(args) => sam_env(args).await,
         Cmd::SamRelay { listen, to } => sam_relay(listen, to).await,
     };
@@ -409,11 +452,82 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The stores `audit` and `opening-balances` read: the client, the table names and how to
+/// scan them.
+async fn stores(
+    args: StoreArgs,
+    template: &Template,
+) -> Result<
+    (
+        aws_sdk_dynamodb::Client,
+        local_runner::audit::TableNames,
+        local_runner::audit::ScanOptions,
+    ),
+    String,
+> {
+    use local_runner::audit::{ScanOptions, TableNames};
+    use std::io::IsTerminal;
+    let (client, tables) = match (
+        args.orders_table,
+        args.products_table,
+        args.movements_table,
+        args.idempotency_table,
+        args.ledger_table,
+    ) {
+        (Some(orders), Some(products), Some(movements), Some(idempotency), Some(ledger)) => {
+            // A deployed stack: region, credentials and endpoint from the environment.
+            let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .http_client(saga_core::aws::http_client())
+                .load()
+                .await;
+            let tables = TableNames {
+                orders,
+                products,
+                movements,
+                idempotency,
+                ledger,
+            };
+            (aws_sdk_dynamodb::Client::new(&config), tables)
+        }
+        _ => {
+            let prefix = args.prefix.unwrap_or_default();
+            let tables = TableNames::local(template, &prefix).map_err(|e| e.to_string())?;
+            let clients = local_clients(
+                &args.dynamodb_endpoint,
+                "http://127.0.0.1:9324",
+                "us-east-1",
+            )
+            .await;
+            (clients.dynamodb, tables)
+        }
+    };
+    let opts = ScanOptions {
+        segments: args.segments,
+        consistent: args.consistent,
+        progress: args.progress || std::io::stderr().is_terminal(),
+        ..ScanOptions::default()
+    };
+    Ok((client, tables, opts))
+}
+
+/// Prints `value` as JSON on stdout; false (after saying why) if it cannot.
+fn print_json(command: &str, value: &impl serde::Serialize) -> bool {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => {
+            println!("{json}");
+            true
+        }
+        Err(e) => {
+            eprintln!("saga-local {command}: {e}");
+            false
+        }
+    }
+}
+
 /// `saga-local audit`: exit 0 when every invariant holds, 1 with findings, 2 when the audit
 /// could not run.
 async fn audit(args: AuditArgs) -> ExitCode {
-    use local_runner::audit::{self, Rules, ScanOptions, TableNames};
-    use std::io::IsTerminal;
+    use local_runner::audit::{self, Rules};
     let run = async {
         let template =
             Template::from_file(repo_root().join("template.yaml")).map_err(|e| e.to_string())?;
@@ -422,46 +536,7 @@ async fn audit(args: AuditArgs) -> ExitCode {
             None => audit::template_order_timeout(&template)
                 .ok_or("template.yaml has no numeric OrderTimeoutSeconds default")?,
         };
-        let (client, tables) = match (
-            args.orders_table,
-            args.products_table,
-            args.movements_table,
-            args.idempotency_table,
-            args.ledger_table,
-        ) {
-            (Some(orders), Some(products), Some(movements), Some(idempotency), Some(ledger)) => {
-                // A deployed stack: region, credentials and endpoint from the environment.
-                let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                    .http_client(saga_core::aws::http_client())
-                    .load()
-                    .await;
-                let tables = TableNames {
-                    orders,
-                    products,
-                    movements,
-                    idempotency,
-                    ledger,
-                };
-                (aws_sdk_dynamodb::Client::new(&config), tables)
-            }
-            _ => {
-                let prefix = args.prefix.unwrap_or_default();
-                let tables = TableNames::local(&template, &prefix).map_err(|e| e.to_string())?;
-                let clients = local_clients(
-                    &args.dynamodb_endpoint,
-                    "http://127.0.0.1:9324",
-                    "us-east-1",
-                )
-                .await;
-                (clients.dynamodb, tables)
-            }
-        };
-        let opts = ScanOptions {
-            segments: args.segments,
-            consistent: args.consistent,
-            progress: args.progress || std::io::stderr().is_terminal(),
-            ..ScanOptions::default()
-        };
+        let (client, tables, opts) = stores(args.store, &template).await?;
         let rules = Rules {
             now_ms: saga_core::time::now_ms(),
             pending_limit: Duration::from_secs(timeout.saturating_add(args.grace_seconds)),
@@ -473,12 +548,8 @@ async fn audit(args: AuditArgs) -> ExitCode {
     match run.await {
         Ok(report) => {
             if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(json) => println!("{json}"),
-                    Err(e) => {
-                        eprintln!("saga-local audit: {e}");
-                        return ExitCode::from(2);
-                    }
+                if !print_json("audit", &report) {
+                    return ExitCode::from(2);
                 }
             } else {
                 print!("{}", report.text());
@@ -491,6 +562,74 @@ async fn audit(args: AuditArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("saga-local audit: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `saga-local opening-balances`: exit 0 when no product is left without its opening balance
+/// (or, read only, when every one could be written), 1 when one changed while read or is
+/// refused, 2 when it could not run.
+async fn opening_balances(args: OpeningArgs) -> ExitCode {
+    use local_runner::audit;
+    use local_runner::opening::{self, Outcome};
+    let apply = args.apply;
+    let run = async {
+        let template =
+            Template::from_file(repo_root().join("template.yaml")).map_err(|e| e.to_string())?;
+        let (client, tables, opts) = stores(args.store, &template).await?;
+        let read = async || {
+            audit::load(&client, &tables, &opts)
+                .await
+                .map(|loaded| opening::plan(&loaded.snapshot))
+                .map_err(|e| e.to_string())
+        };
+        let first = read().await?;
+        let second = if apply && !first.is_empty() {
+            read().await?
+        } else {
+            first.clone()
+        };
+        let mut results = Vec::new();
+        for (o, decided) in opening::decide(&first, &second) {
+            let outcome = match decided {
+                Some(outcome) => outcome,
+                None if !apply => Outcome::WouldWrite,
+                None => opening::write(&client, &tables, &o, saga_core::time::now_ms())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            results.push((o, outcome));
+        }
+        Ok::<_, String>(results)
+    };
+    match run.await {
+        Ok(results) => {
+            if args.json {
+                let json: Vec<_> = results
+                    .iter()
+                    .map(|(o, outcome)| serde_json::json!({"opening": o, "outcome": outcome}))
+                    .collect();
+                if !print_json("opening-balances", &json) {
+                    return ExitCode::from(2);
+                }
+            } else {
+                print!("{}", opening::text(&results));
+            }
+            let settled = results.iter().all(|(_, o)| {
+                matches!(
+                    o,
+                    Outcome::WouldWrite | Outcome::Written | Outcome::AlreadyWritten
+                )
+            });
+            if settled {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("saga-local opening-balances: {e}");
             ExitCode::from(2)
         }
     }
