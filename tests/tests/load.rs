@@ -66,3 +66,41 @@ async fn when_200_orders_compete_for_scarce_stock_with_random_declines_should_ke
     assert_invariants(&t, &settled, &initial).await;
     t.stop().await;
 }
+
+/// The local event source mapping's batching window, both ways. By default a batch goes to
+/// its function at the first receive that comes back empty: with the longest window SQS
+/// allows (300 s) an order still settles in well under that. With `fill_batching_window`
+/// (the load benchmark), as on Lambda, a batch waits out its whole window before its
+/// function gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_batching_window_is_set_should_hold_a_batch_for_it_only_when_asked_to_fill_it() {
+    for (fill, window) in [(false, 300), (true, 2)] {
+        let probe = local_runner::timing::Probe::default();
+        let t = TestStack::start_with(|o| {
+            o.batching_window = Some(Duration::from_secs(window));
+            o.fill_batching_window = fill;
+            o.probe = Some(probe.clone());
+        })
+        .await;
+        let products = saga_tests::catalogue("p-window", 1, 10, 10);
+        t.stock_catalogue(&products, |qty| 100 + qty as u64).await;
+        let id = t.place_ok(&[(products[0].0.as_str(), 1)], None).await;
+        // Three hops in a row; a 300 s window waited out would take 900 s.
+        t.wait_all_settled(&[id], Duration::from_secs(240)).await;
+        let samples = probe.take();
+        let waits: Vec<f64> = samples
+            .deliveries
+            .iter()
+            .filter(|d| d.function == "StockFunction" && d.first)
+            .map(|d| d.batching_wait_ms)
+            .collect();
+        assert!(!waits.is_empty(), "no delivery to the stock function");
+        if fill {
+            assert!(
+                waits.iter().all(|w| *w >= 1_900.0),
+                "a {window} s window, filled: {waits:?}"
+            );
+        }
+        t.stop().await;
+    }
+}

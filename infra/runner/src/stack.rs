@@ -102,6 +102,9 @@ pub struct StackOptions {
     /// Overrides every SQS event source's `MaximumBatchingWindowInSeconds` (the load
     /// benchmark compares settings); `None` keeps the template's.
     pub batching_window: Option<Duration>,
+    /// Whether batches gather until their window ends, as Lambda's do (the load benchmark);
+    /// by default a batch is handed over at the first empty receive (see `esm::receive`).
+    pub fill_batching_window: bool,
 }
 
 impl StackOptions {
@@ -126,6 +129,7 @@ impl StackOptions {
             access_recorder: None,
             probe: None,
             batching_window: None,
+            fill_batching_window: false,
         }
     }
 }
@@ -448,6 +452,7 @@ impl Stack {
                     batching_window: opts
                         .batching_window
                         .unwrap_or(Duration::from_secs(event.batching_window_seconds.into())),
+                    fill_window: opts.fill_batching_window,
                     visibility_floor: opts.visibility_timeout.unwrap_or(queue_visibility),
                     visibility_ceiling: queue_visibility,
                     concurrency: event.maximum_concurrency.unwrap_or(2) as usize,

@@ -449,6 +449,9 @@ impl Rig {
         );
         opts.probe = Some(probe.clone());
         opts.batching_window = window.map(|s| Duration::from_secs(s.into()));
+        // Batches gather for their whole window, as on Lambda, so that what a window costs
+        // and saves here is what it would there.
+        opts.fill_batching_window = true;
         let stack = Stack::start(opts.clone())
             .await
             .map_err(|e| format!("starting the stack: {e}"))?;
@@ -798,8 +801,10 @@ fn summarize(
         ..Default::default()
     };
     let first_sent = placed.iter().map(|p| p.sent).min();
+    let last_sent = placed.iter().map(|p| p.sent).max();
     let mut last_final = None;
-    let mut first_final: Option<Instant> = None;
+    // Each final order's (sent, final), seconds after the first order was sent.
+    let mut timeline = Vec::new();
     let mut post_ms = Vec::new();
     for p in placed {
         post_ms.push((p.answered - p.sent).as_secs_f64() * 1000.0);
@@ -820,7 +825,12 @@ fn summarize(
                 step.latency_ms
                     .push(f.at.saturating_duration_since(p.sent).as_secs_f64() * 1000.0);
                 last_final = last_final.max(Some(f.at));
-                first_final = Some(first_final.map_or(f.at, |t| t.min(f.at)));
+                if let Some(t0) = first_sent {
+                    timeline.push((
+                        p.sent.saturating_duration_since(t0).as_secs_f64(),
+                        f.at.saturating_duration_since(t0).as_secs_f64(),
+                    ));
+                }
             }
             None => step.unfinished += 1,
         }
@@ -830,11 +840,9 @@ fn summarize(
     if let (Some(a), Some(b)) = (first_sent, last_final) {
         step.seconds = b.saturating_duration_since(a).as_secs_f64();
     }
-    if let (Some(a), Some(b)) = (first_final, last_final) {
-        let span = b.saturating_duration_since(a).as_secs_f64();
-        if span > 0.0 && step.finals() > 1 {
-            step.achieved_per_s = (step.finals() - 1) as f64 / span;
-        }
+    if let (Some(a), Some(b)) = (first_sent, last_sent) {
+        let offered_s = b.saturating_duration_since(a).as_secs_f64() + 1.0 / rate;
+        step.achieved_per_s = achieved_rate(&timeline, offered_s);
     }
     step.saturated = step.stopped_early.is_some()
         || step.unfinished > 0
@@ -1210,6 +1218,29 @@ async fn delete_loop(
     ceiling_run("SQS DeleteMessageBatch", n, started.elapsed(), tallies)
 }
 
+/// The rate at which orders became final in a step, in its steady state: the orders that
+/// became final during the second half of the sending (`offered_s` long), per second.
+/// `timeline`: each final order's (sent, final) in seconds from the first send.
+///
+/// A stack that keeps up finishes each order its latency after sending it, so the second half
+/// of the sending sees as many orders finish as were offered in a span as long, whatever the
+/// latency (a batching window's, say), as long as it is under half the step. A saturated stack
+/// is busy through it, serving what it can while the load is still offered. Counting from the
+/// first final to the last would stretch the span by the spread of latencies (and call a stack
+/// that keeps up saturated); counting after the sending stops would measure the drain, when
+/// the emulators no longer serve the order API's sends and the functions' batches are full.
+pub fn achieved_rate(timeline: &[(f64, f64)], offered_s: f64) -> f64 {
+    if offered_s <= 0.0 {
+        return 0.0;
+    }
+    let half = offered_s / 2.0;
+    let within = timeline
+        .iter()
+        .filter(|(_, done)| *done >= half && *done < offered_s)
+        .count();
+    within as f64 / half
+}
+
 /// The emulators' ceiling in orders per second, and what bounds it: each operation's best
 /// measured rate (transactions, messages sent, received, deleted per second) divided by what
 /// one order needs of it under load (`per_order`, measured in the rate steps).
@@ -1253,6 +1284,9 @@ pub fn needs_per_order(steps: &[Step]) -> BTreeMap<String, f64> {
     needs
 }
 
+/// The bound of moto's operations together (one process serves them all).
+pub const SQS_TOGETHER: &str = "SQS send + receive + delete together (one moto process)";
+
 pub fn ceiling_of(runs: &[CeilingRun], needs: &BTreeMap<String, f64>) -> Option<Ceiling> {
     let mut bounds = Vec::new();
     for (op, per_order) in needs {
@@ -1264,6 +1298,14 @@ pub fn ceiling_of(runs: &[CeilingRun], needs: &BTreeMap<String, f64>) -> Option<
         if best.is_finite() && *per_order > 0.0 {
             bounds.push((op.clone(), best, *per_order, best / per_order));
         }
+    }
+    // moto serves every SQS operation from one Python process (one core at most): an order's
+    // sends, receives and deletes share it, so their times per order add up.
+    let sqs: Vec<&(String, f64, f64, f64)> =
+        bounds.iter().filter(|b| b.0.starts_with("SQS ")).collect();
+    if sqs.len() > 1 {
+        let seconds: f64 = sqs.iter().map(|b| b.2 / b.1).sum();
+        bounds.push((SQS_TOGETHER.to_string(), f64::NAN, f64::NAN, 1.0 / seconds));
     }
     let (bound_by, orders_per_s) = bounds
         .iter()
@@ -1279,6 +1321,30 @@ pub fn ceiling_of(runs: &[CeilingRun], needs: &BTreeMap<String, f64>) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stack_that_keeps_up_achieves_the_offered_rate_whatever_its_latency() {
+        // 10 orders/s for 10 s, each final 1 to 2 s after it was sent (jittered).
+        let timeline: Vec<(f64, f64)> = (0..100)
+            .map(|i| {
+                let sent = i as f64 / 10.0;
+                (sent, sent + 1.0 + (i * 7 % 10) as f64 / 10.0)
+            })
+            .collect();
+        let achieved = achieved_rate(&timeline, 10.0);
+        assert!((9.0..=10.5).contains(&achieved), "{achieved}");
+    }
+
+    #[test]
+    fn a_saturated_stack_achieves_what_it_serves() {
+        // 50 orders/s offered for 10 s; served at 20/s, one after the other.
+        let timeline: Vec<(f64, f64)> = (0..500)
+            .map(|i| (i as f64 / 50.0, 0.1 + i as f64 / 20.0))
+            .collect();
+        let achieved = achieved_rate(&timeline, 10.0);
+        assert!((19.0..=21.0).contains(&achieved), "{achieved}");
+        assert_eq!(achieved_rate(&[], 10.0), 0.0);
+    }
 
     #[test]
     fn the_callers_headers_carry_its_bearer_token() {
@@ -1323,7 +1389,7 @@ mod tests {
     }
 
     #[test]
-    fn when_computing_the_ceiling_should_take_the_tightest_operation_per_order() {
+    fn when_computing_the_ceiling_should_add_up_what_one_moto_serves_and_take_the_tightest() {
         let steps = [step(100, 1.0, 4.0, 4.0), step(300, 1.0, 4.0, 4.0)];
         let needs = needs_per_order(&steps);
         assert_eq!(needs["DynamoDB TransactWriteItems"], 1.0);
@@ -1337,10 +1403,13 @@ mod tests {
             run("SQS DeleteMessageBatch", 8, 8000.0),
         ];
         let c = ceiling_of(&runs, &needs).unwrap();
-        // Sends: 1200 / 4 = 300 orders/s, below 500 transactions/s.
-        assert_eq!(c.bound_by, "SQS SendMessage");
-        assert_eq!(c.orders_per_s, 300.0);
-        assert_eq!(c.bounds.len(), 4);
+        // Alone, sends allow 1200 / 4 = 300 orders/s (below 500 transactions/s); but one moto
+        // serves sends, receives and deletes: 4/1200 + 4/4000 + 4/8000 s per order.
+        let together = 1.0 / (4.0 / 1200.0 + 4.0 / 4000.0 + 4.0 / 8000.0);
+        assert_eq!(c.bound_by, SQS_TOGETHER);
+        assert!((c.orders_per_s - together).abs() < 1e-9, "{c:?}");
+        assert!(together < 300.0);
+        assert_eq!(c.bounds.len(), 5);
         assert!(ceiling_of(&runs, &BTreeMap::new()).is_none());
     }
 
