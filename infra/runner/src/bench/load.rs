@@ -842,7 +842,9 @@ fn summarize(
     }
     if let (Some(a), Some(b)) = (first_sent, last_sent) {
         let offered_s = b.saturating_duration_since(a).as_secs_f64() + 1.0 / rate;
-        step.achieved_per_s = achieved_rate(&timeline, offered_s);
+        // A stack that lagged in the first half catches up in the second: it cannot keep
+        // finishing orders faster than they come, so that is not more throughput.
+        step.achieved_per_s = achieved_rate(&timeline, offered_s).min(rate);
     }
     step.saturated = step.stopped_early.is_some()
         || step.unfinished > 0

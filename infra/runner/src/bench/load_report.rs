@@ -104,9 +104,10 @@ pub fn write(md: &mut String, dir: &Path, run: &LoadRun) -> std::io::Result<()> 
          `CANCELLED` (the coordinator's `UpdateItem` that returned it so; the orders table keeps \
          no final timestamp of its own)\n\
          - **achieved**: the rate at which orders became final in the step's steady state: the \
-         orders that became final during the second half of the sending, per second (a stack \
-         that keeps up achieves the offered rate whatever its latency; a saturated one, what it \
-         serves while the load is offered, not the faster drain after it)\n\
+         orders that became final during the second half of the sending, per second, at most the \
+         offered rate (a stack that keeps up achieves the offered rate whatever its latency; a \
+         saturated one, what it serves while the load is offered, not the faster drain after \
+         it)\n\
          - a step is **saturated** when it achieved less than 90% of the offered rate, left an \
          order unfinished, or had more than 10 s of offered orders outstanding (it then stops \
          sending); the rates above it are not run\n\
@@ -171,9 +172,11 @@ fn write_ceiling(md: &mut String, run: &LoadRun) {
              messages received and deleted = messages handed to functions). moto serves all \
              three SQS operations from one Python process, so an order's sends, receives and \
              deletes share it: their bound together is 1 / Σ (needed per order / best rate). The \
-             ceiling is the tightest bound; it leaves out the saga's other DynamoDB writes (the \
-             order, the payment steps, the coordinator's updates) and the CPU the stack itself \
-             and DynamoDB Local take from moto on this machine, so the saga cannot reach it.\n\n\
+             ceiling is the tightest bound. It is an estimate: client loops of a few seconds on \
+             a machine where the emulators' speed moves by a fifth from run to run, receiving \
+             and deleting 10 messages a call where the saga's batches are often smaller, and \
+             leaving out the saga's other DynamoDB writes (the order, the payment steps, the \
+             coordinator's updates) and the CPU the stack and DynamoDB Local take from moto.\n\n\
              | operation | best items/s | per order | orders/s it allows |\n|---|---|---|---|"
         );
         for (op, best, per, allows) in &c.bounds {

@@ -495,8 +495,9 @@ pub fn write(dir: &Path, repo_root: &Path, check_budgets: bool) -> std::io::Resu
         let _ = writeln!(
             md,
             "Measured {} at commit `{}` on {} ({} cores, {} GiB, Linux {} {}); {}, {}, {}. \
-             The machine is shared (other builds run beside the benchmark): the runs are \
-             interleaved so that noise hits every runtime alike, and medians are reported.\n",
+             Whatever else runs on the machine, the runtimes' runs are interleaved so that its \
+             noise hits every runtime alike, and medians are reported; the load section gives \
+             the load average before and after its run.\n",
             m.date_utc,
             m.git_commit,
             m.cpu,
