@@ -102,8 +102,8 @@ enum Cmd {
     /// endpoint from the standard AWS environment).
     Audit(AuditArgs),
     /// Write the first stock movement of products created before movements were recorded
-    /// (exit 0 when none is left to write, 1 when one changed while read or is refused, 2
-    /// when it could not run)
+    /// (exit 0 when each is written or, read only, could be; 1 when one changed while read
+    /// or is refused; 2 when it could not run)
     ///
     /// After an upgrade from a version without stock movements, the audit's invariant 3 flags
     /// every product created before it. For each product with no first movement (no `initial
