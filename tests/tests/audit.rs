@@ -31,8 +31,14 @@ async fn wait_quiet(t: &TestStack) {
 
 /// `saga-local audit --prefix <the stack's> ...`, from the repository.
 fn run_audit(t: &TestStack, dynamodb: &str, args: &[&str]) -> Output {
+    run_saga_local("audit", t, dynamodb, args)
+}
+
+/// `saga-local <command> --prefix <the stack's> ...` (a command that reads the stack's
+/// tables), from the repository.
+fn run_saga_local(command: &str, t: &TestStack, dynamodb: &str, args: &[&str]) -> Output {
     std::process::Command::new(saga_local_binary())
-        .arg("audit")
+        .arg(command)
         .args(["--prefix", &t.prefix, "--dynamodb-endpoint", dynamodb])
         .args(args)
         .current_dir(saga_tests::repo_root())
@@ -532,14 +538,7 @@ async fn when_the_audit_cannot_run_should_say_why_and_exit_2() {
 
 /// `saga-local opening-balances --prefix <the stack's> ...`, from the repository.
 fn run_opening(t: &TestStack, dynamodb: &str, args: &[&str]) -> Output {
-    std::process::Command::new(saga_local_binary())
-        .arg("opening-balances")
-        .args(["--prefix", &t.prefix, "--dynamodb-endpoint", dynamodb])
-        .args(args)
-        .current_dir(saga_tests::repo_root())
-        .env_remove("SAGA_PREFIX")
-        .output()
-        .expect("saga-local runs")
+    run_saga_local("opening-balances", t, dynamodb, args)
 }
 
 /// A product created before stock movements were recorded (planted as that version wrote it:
